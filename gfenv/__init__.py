@@ -1,0 +1,1 @@
+"""gfenv: GFNet (Glance and Focus) as a Gymnasium environment."""

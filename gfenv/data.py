@@ -1,0 +1,213 @@
+"""Where images come from: the embedded "cluttered glyphs" task and a registry of image sources.
+
+An image source is a fixed, indexable split: ``source.get(indices)`` returns a batch of images (B, C, H, W) in
+[0, 1] and labels (B,) on the source's device. The env draws indices with a ``torch.Generator`` on that device.
+Real datasets (torchvision, ImageFolder) and the cluttered canvas live in ``gfenv.datasets`` and register here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+DATASETS: dict[str, Callable[..., "ImageSource"]] = {}
+SPLITS = ("train", "test")
+
+
+def register_dataset(name: str) -> Callable:
+    def deco(fn: Callable[..., ImageSource]) -> Callable[..., ImageSource]:
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+class ImageSource:
+    """A fixed split of labelled images, read in batches on ``device``."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    device: torch.device
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def make_source(dataset: str = "glyphs", split: str = "train", device: str | torch.device = "cpu", **kwargs) -> ImageSource:
+    """Build an image source by dataset name (see ``DATASETS``)."""
+    from gfenv import datasets  # noqa: F401  (registers torchvision-backed datasets)
+
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
+    return DATASETS[dataset](split=split, device=torch.device(device), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counter-based random numbers: each image is a pure function of (seed, split, index), batched on any device.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing hash (lowbias32) on int64 tensors; identical on every device."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(key: torch.Tensor, stream: int, count: int) -> torch.Tensor:
+    """Uniform floats in [0, 1): (B, count) numbers for keys (B,) and a stream id."""
+    ctr = torch.arange(count, device=key.device, dtype=torch.int64)
+    x = _hash32(_hash32(key[:, None] * 0x9E3779B1 + stream * 0x85EBCA77) + ctr * 0xC2B2AE3D)
+    x = _hash32(x + key[:, None])
+    return (x.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
+
+
+def hash_normal(key: torch.Tensor, stream: int, count: int) -> torch.Tensor:
+    """Standard normal floats (B, count) by Box-Muller on two uniform streams."""
+    u1 = hash_uniform(key, stream, count)
+    u2 = hash_uniform(key, stream + 1, count)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cluttered glyphs
+
+
+def _textures(size: int) -> torch.Tensor:
+    """Ten binary textures with period 2 or 4 and mean 1/2: invisible after 4x anti-aliased downsampling."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pats = [
+        y % 2 == 0,
+        x % 2 == 0,
+        (y + x) % 2 == 0,
+        (y // 2 + x // 2) % 2 == 0,
+        (y + x) % 4 < 2,
+        (y - x) % 4 < 2,
+        y % 4 < 2,
+        x % 4 < 2,
+        (y % 2 == 0) ^ (x % 4 < 2),
+        (x % 2 == 0) ^ (y % 4 < 2),
+    ]
+    return torch.stack(pats).float()  # (10, size, size)
+
+
+def _silhouettes(size: int) -> torch.Tensor:
+    """Five coarse shapes (square, disk, triangle, plus, ring): what the glance can still see."""
+    u, v = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    c = (size - 1) / 2
+    r = size / 2
+    d2 = (u - c) ** 2 + (v - c) ** 2
+    shapes = [
+        torch.ones(size, size, dtype=torch.bool),
+        d2 <= r * r,
+        (v - c).abs() <= (u + 1) / 2,
+        ((u - c).abs() <= size / 6) | ((v - c).abs() <= size / 6),
+        (d2 <= r * r) & (d2 >= (0.55 * r) ** 2),
+    ]
+    return torch.stack(shapes).float()  # (5, size, size)
+
+
+class GlyphSource(ImageSource):
+    """Cluttered glyphs, the embedded default task.
+
+    Class k is a glyph of ``glyph_size`` pixels whose *texture* (one of ten 1-2 px patterns) names the class and
+    whose *silhouette* (one of five shapes, k // 2) is a coarse hint. At glance resolution the texture averages to
+    grey, so the glance can only tell the silhouette (at most 50 % accuracy) and where the glyph is; a focus patch
+    on the glyph reads the texture. Clutter: fragments of other glyphs (with their textures), noise, random
+    contrast. Images are a pure function of (seed, split, index): deterministic on any device.
+    """
+
+    num_classes = 10
+
+    def __init__(self, split: str = "train", device: torch.device | str = "cpu", canvas: int = 128,
+                 glyph_size: int = 20, fragments: int = 8, fragment_size: int = 8, noise: float = 0.1,
+                 train_size: int = 50_000, test_size: int = 10_000, seed: int = 0):
+        if glyph_size > canvas or fragment_size > glyph_size:
+            raise ValueError(f"Need fragment_size <= glyph_size <= canvas, got {fragment_size}, {glyph_size}, {canvas}.")
+        self.device = torch.device(device)
+        self.split = split
+        self.canvas = canvas
+        self.glyph_size = glyph_size
+        self.fragments = fragments
+        self.fragment_size = fragment_size
+        self.noise = noise
+        self.size = train_size if split == "train" else test_size
+        self.seed = seed
+        self.image_shape = (1, canvas, canvas)
+        # textures are tiled with a phase offset of up to 3 px, so make them 4 px larger than the glyph
+        self.textures = _textures(glyph_size + 4).to(self.device)
+        self.silhouettes = _silhouettes(glyph_size).to(self.device)
+        self._split_id = SPLITS.index(split) if split in SPLITS else 0
+        gen = torch.Generator().manual_seed(seed)
+        self.noise_bank = torch.randn(16, canvas, canvas, generator=gen).to(self.device)  # (16, H, W)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _keys(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices.to(self.device, torch.int64) * 4 + self._split_id + (self.seed & 0xFFFF) * 7919 * 4
+
+    def labels(self, indices: torch.Tensor) -> torch.Tensor:
+        return (hash_uniform(self._keys(indices), 1, 1)[:, 0] * self.num_classes).long().clamp_(max=9)
+
+    def _paint(self, canvas: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, cls: torch.Tensor,
+               shape: torch.Tensor, off_y: torch.Tensor, off_x: torch.Tensor, phase: torch.Tensor,
+               contrast: torch.Tensor) -> None:
+        """Draw a size x size window (offset off_y/off_x inside a glyph of class cls) at (top, left); max-blend."""
+        b, n = canvas.shape[0], self.canvas
+        r = torch.arange(size, device=self.device)
+        gu = (r[None, :, None] + off_y[:, None, None]).expand(b, size, size)  # (B, s, s)
+        gv = (r[None, None, :] + off_x[:, None, None]).expand(b, size, size)  # (B, s, s)
+        s = self.silhouettes.shape[-1]
+        mask = self.silhouettes.reshape(-1, s * s)[shape[:, None, None], gu * s + gv]
+        t = self.textures.shape[-1]
+        tex = self.textures.reshape(-1, t * t)[cls[:, None, None],
+                                               (gu + phase[:, 0, None, None]) * t + gv + phase[:, 1, None, None]]
+        value = contrast[:, None, None] * (0.3 + 0.7 * tex) * mask  # (B, s, s)
+        flat = (top[:, None, None] + r[None, :, None]) * n + left[:, None, None] + r[None, None, :]
+        canvas.scatter_reduce_(1, flat.reshape(b, -1), value.reshape(b, -1), reduce="amax")
+
+    @torch.no_grad()
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._keys(indices)
+        b, n, g, f = key.shape[0], self.canvas, self.glyph_size, self.fragment_size
+        labels = self.labels(indices)
+        p = hash_uniform(key, 2, 9)
+        canvas = torch.zeros(b, n * n, device=self.device)
+        zero = torch.zeros(b, dtype=torch.long, device=self.device)
+        self._paint(canvas, (p[:, 0] * (n - g + 1)).long(), (p[:, 1] * (n - g + 1)).long(), g, labels,
+                    labels // 2, zero, zero, (p[:, 2:4] * 4).long(), 0.5 + 0.5 * p[:, 4])
+        q = hash_uniform(key, 4, 9 * self.fragments).reshape(b, self.fragments, 9)
+        for k in range(self.fragments):
+            qk = q[:, k]
+            self._paint(canvas, (qk[:, 0] * (n - f + 1)).long(), (qk[:, 1] * (n - f + 1)).long(), f,
+                        (qk[:, 2] * 10).long().clamp_(max=9), (qk[:, 3] * 5).long().clamp_(max=4),
+                        (qk[:, 4] * (g - f + 1)).long(), (qk[:, 5] * (g - f + 1)).long(),
+                        (qk[:, 6:8] * 4).long(), 0.5 + 0.5 * qk[:, 8])
+        # noise: a shifted window of one of a few fixed noise fields, so every image's noise is its own
+        nb = self.noise_bank.shape[0]
+        ys = torch.arange(n, device=self.device)
+        bank = (p[:, 5] * nb).long().clamp_(max=nb - 1)
+        dy, dx = (p[:, 6] * n).long(), (p[:, 7] * n).long()
+        rows = (ys[None, :] + dy[:, None]) % n  # (B, n)
+        cols = (ys[None, :] + dx[:, None]) % n  # (B, n)
+        idx = bank[:, None, None] * (n * n) + rows[:, :, None] * n + cols[:, None, :]
+        sign = (p[:, 8] < 0.5).float() * 2 - 1
+        canvas = canvas.view(b, n, n) + self.noise * sign[:, None, None] * self.noise_bank.view(-1)[idx]
+        return canvas.clamp_(0.0, 1.0).unsqueeze(1), labels  # (B, 1, H, W), (B,)
+
+
+@register_dataset("glyphs")
+def glyphs(split: str = "train", device: torch.device | str = "cpu", **kwargs) -> ImageSource:
+    return GlyphSource(split=split, device=device, **kwargs)

@@ -1,0 +1,140 @@
+"""GFNet's vision stack: glance encoder f_G, focus encoder f_L and the classifier f_C.
+
+Encoders return (pooled features, last spatial feature map). Backbones come from a registry: the small CNN that
+is fast on a CPU (the default) and torchvision's models (see ``gfenv.backbones``). The classifier is GFNet's GRU
+over per-step features with a linear head, or the cascaded variant (one linear head per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+class SmallCNN(nn.Module):
+    """A 4-stage conv net for small patches: stride 1 first (fine texture survives), then three stride-2 stages."""
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(prev, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            prev = w
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = prev
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.features(x)  # (B, D, h, w)
+        return fmap.mean(dim=(2, 3)), fmap
+
+
+@register_backbone("small_cnn")
+def small_cnn(in_channels: int = 1, weights: str | None = None, **kwargs) -> nn.Module:
+    return SmallCNN(in_channels, **kwargs)
+
+
+def build_encoder(name: str, in_channels: int, weights: str | None = None, **kwargs) -> nn.Module:
+    """An encoder from the backbone registry; ``weights`` is a local file (no downloads)."""
+    from gfenv import backbones  # noqa: F401  (registers torchvision backbones)
+
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(sorted(BACKBONES))}.")
+    return BACKBONES[name](in_channels=in_channels, weights=weights, **kwargs)
+
+
+class RecurrentClassifier(nn.Module):
+    """GFNet's f_C for ResNet/DenseNet/RegNet: a GRU cell over each step's features, then a linear head."""
+
+    def __init__(self, feature_dim: int, num_classes: int, hidden: int = 256, steps: int = 5):
+        super().__init__()
+        self.hidden = hidden
+        self.state_dim = hidden
+        self.gru = nn.GRUCell(feature_dim, hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch, self.hidden, device=device, dtype=dtype)  # (B, H)
+
+    def step(self, features: torch.Tensor, state: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.gru(features, state)
+        return self.head(state), state
+
+
+class CascadedClassifier(nn.Module):
+    """GFNet's f_C for MobileNetV3/EfficientNet: at step t a linear head over the features of steps 1..t."""
+
+    def __init__(self, feature_dim: int, num_classes: int, hidden: int = 0, steps: int = 5):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.steps = steps
+        self.state_dim = feature_dim * steps
+        self.heads = nn.ModuleList(nn.Linear(feature_dim * (t + 1), num_classes) for t in range(steps))
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch, self.state_dim, device=device, dtype=dtype)  # (B, T*D)
+
+    def step(self, features: torch.Tensor, state: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if t >= self.steps:
+            raise ValueError(f"The cascaded classifier has {self.steps} heads; step {t + 1} is beyond them.")
+        d = self.feature_dim
+        state = torch.cat([state[:, : t * d], features, state[:, (t + 1) * d :]], dim=1)
+        return self.heads[t](state[:, : (t + 1) * d]), state
+
+
+CLASSIFIERS = {"gru": RecurrentClassifier, "cascaded": CascadedClassifier}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a GFNet model; stored in every checkpoint."""
+
+    num_classes: int = 10
+    in_channels: int = 1
+    patch_size: int = 32
+    steps: int = 5
+    backbone: str = "small_cnn"
+    classifier: str = "gru"
+    hidden: int = 256
+    glance_mode: str = "bilinear"
+    backbone_kwargs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GFNetModel(nn.Module):
+    """f_G, f_L and f_C together, with each encoder's own linear head (GFNet's deep supervision, dsn)."""
+
+    def __init__(self, config: ModelConfig, glance_weights: str | None = None, focus_weights: str | None = None):
+        super().__init__()
+        if config.classifier not in CLASSIFIERS:
+            raise ValueError(f"Unknown classifier {config.classifier!r}; choose one of {sorted(CLASSIFIERS)}.")
+        self.config = config
+        self.glance_encoder = build_encoder(config.backbone, config.in_channels, glance_weights, **config.backbone_kwargs)
+        self.focus_encoder = build_encoder(config.backbone, config.in_channels, focus_weights, **config.backbone_kwargs)
+        d = self.focus_encoder.feature_dim
+        self.feature_dim = d
+        self.glance_head = nn.Linear(d, config.num_classes)
+        self.focus_head = nn.Linear(d, config.num_classes)
+        self.classifier = CLASSIFIERS[config.classifier](d, config.num_classes, config.hidden, config.steps)
+
+    def encoder(self, t: int) -> nn.Module:
+        return self.glance_encoder if t == 0 else self.focus_encoder
+
+    def head(self, t: int) -> nn.Module:
+        return self.glance_head if t == 0 else self.focus_head
