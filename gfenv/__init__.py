@@ -1,1 +1,21 @@
-"""gfenv: GFNet (Glance and Focus) as a Gymnasium environment."""
+"""gfenv: GFNet (Glance and Focus, NeurIPS 2020) as a batched Gymnasium environment.
+
+``import gfenv`` registers ``gfenv/GlanceFocus-v0``: the cluttered-glyphs task with the shipped stage-1 encoders.
+``gymnasium.make`` gives the single env, ``gymnasium.make_vec`` the batched torch env.
+"""
+
+from __future__ import annotations
+
+import gymnasium
+
+from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
+from gfenv.rewards import REWARDS, register_reward
+
+__all__ = ["GlanceFocusEnv", "GlanceFocusVectorEnv", "REWARDS", "register_reward"]
+__version__ = "0.1.0"
+
+ENV_ID = "gfenv/GlanceFocus-v0"
+
+if ENV_ID not in gymnasium.registry:
+    gymnasium.register(ENV_ID, entry_point="gfenv.env:GlanceFocusEnv",
+                       vector_entry_point="gfenv.env:GlanceFocusVectorEnv")

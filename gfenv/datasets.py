@@ -1,1 +1,374 @@
-"""Real datasets (placeholder)."""
+"""Real image datasets: torchvision datasets read from a local root, any ImageFolder tree, and the cluttered canvas
+(RAM's cluttered translated MNIST protocol) that wraps any of them. Importing this module registers them all in
+``gfenv.data.DATASETS``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from gfenv.data import SPLITS, ImageSource, hash_uniform, register_dataset
+
+Size = int | Sequence[int]
+
+
+def _pair(size: Size, what: str) -> tuple[int, int]:
+    """An int or (H, W) as a checked (H, W) tuple."""
+    hw = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"{what} must be a positive int or (H, W), got {size!r}.")
+    return hw
+
+
+def _split_id(split: str) -> int:
+    return SPLITS.index(split) if split in SPLITS else len(SPLITS)
+
+
+def _require_root(root: str | os.PathLike | None, dataset: str) -> Path:
+    if root is None:
+        raise TypeError(f"Dataset {dataset!r} needs its data folder: pass root=<path> (env kwarg `root=...`).")
+    return Path(root).expanduser()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-memory splits (MNIST-like, CIFAR, SVHN, STL-10)
+
+
+class TensorSource(ImageSource):
+    """A split held as one uint8 CPU tensor (N, C, H, W); ``get`` moves the batch to ``device`` and resizes it."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, split: str = "train",
+                 device: torch.device | str = "cpu", image_size: Size | None = None, name: str = ""):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}.")
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f"{name or 'dataset'}: need as many labels as images (and at least one), "
+                             f"got {len(images)} images and {len(labels)} labels.")
+        self.images = images.contiguous()
+        self.labels = labels.to(torch.long)
+        self.num_classes = int(num_classes)
+        self.split = split
+        self.name = name
+        self.device = torch.device(device)
+        c, h, w = self.images.shape[1:]
+        self.size = _pair(image_size, "image_size") if image_size is not None else (h, w)
+        self.image_shape = (c, *self.size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @torch.no_grad()
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = indices.to("cpu", torch.long)
+        x = self.images[idx].to(self.device, non_blocking=True).float().div_(255.0)
+        if x.shape[-2:] != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+        return x, self.labels[idx].to(self.device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one torchvision dataset is stored: its class, array layout and how it names splits."""
+
+    cls: type
+    layout: str  # "NHW", "NHWC" or "NCHW"
+    split_kw: bool  # True: split="train"/"test"; False: train=True/False
+
+
+_TORCHVISION = {
+    "mnist": _Spec(tvd.MNIST, "NHW", False),
+    "fashion_mnist": _Spec(tvd.FashionMNIST, "NHW", False),
+    "cifar10": _Spec(tvd.CIFAR10, "NHWC", False),
+    "cifar100": _Spec(tvd.CIFAR100, "NHWC", False),
+    "svhn": _Spec(tvd.SVHN, "NCHW", True),
+    "stl10": _Spec(tvd.STL10, "NCHW", True),
+}
+
+
+def _expected_files(cls: type, root: Path, split: str) -> list[Path]:
+    """The files torchvision's ``cls`` checks for before it loads ``split``."""
+    if hasattr(cls, "resources"):
+        raw = root / cls.__name__ / "raw"
+        return [raw / os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+    if hasattr(cls, "split_list"):
+        return [root / cls.split_list[split][1]]
+    names = [name for name, _ in cls.train_list + cls.test_list]
+    if hasattr(cls, "meta"):
+        names.append(cls.meta["filename"])
+    return [root / cls.base_folder / name for name in names]
+
+
+def _missing_message(label: str, root: Path, expected: list[Path], missing: list[Path]) -> str:
+    where = f"the data root {root} does not exist" if not root.exists() else f"missing {', '.join(map(str, missing))}"
+    return (f"{label} data not found: {where}. {label} expects {', '.join(map(str, expected))}; put the files there "
+            f"or pass download=True (env kwarg `download=True`) to let torchvision fetch them.")
+
+
+@functools.cache
+def _unverified(cls: type) -> type:
+    """``cls`` with its md5 checksums dropped, so that only the files' presence is checked."""
+    attrs: dict[str, object] = {}
+    for attr in ("train_list", "test_list"):
+        if hasattr(cls, attr):
+            attrs[attr] = [[name, None] for name, _ in getattr(cls, attr)]
+    if hasattr(cls, "meta"):
+        attrs["meta"] = {**cls.meta, "md5": None}
+    if hasattr(cls, "split_list"):
+        attrs["split_list"] = {k: [url, name, None] for k, (url, name, _) in cls.split_list.items()}
+    return type(cls.__name__, (cls,), attrs) if attrs else cls
+
+
+def _open_torchvision(spec: _Spec, label: str, root: Path, split: str, download: bool, verify: bool):
+    expected = _expected_files(spec.cls, root, split)
+    missing = [p for p in expected if not p.is_file()]
+    if missing and not download:
+        raise FileNotFoundError(_missing_message(label, root, expected, missing))
+    if spec.cls is tvd.SVHN:
+        try:
+            import scipy.io  # noqa: F401
+        except ImportError as e:
+            raise ImportError("SVHN's .mat files are read with scipy: pip install scipy.") from e
+    cls = spec.cls if verify else _unverified(spec.cls)
+    split_arg = {"split": split} if spec.split_kw else {"train": split == "train"}
+    try:
+        return cls(str(root), download=download, **split_arg)
+    except RuntimeError as e:
+        if "not found" not in str(e).lower():
+            raise
+        missing = [p for p in expected if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(_missing_message(label, root, expected, missing)) from e
+        raise ValueError(f"{label} files under {root} fail torchvision's md5 check (corrupt or not the official "
+                         f"release): re-download them (download=True after deleting them), or pass verify=False "
+                         f"(env kwarg `verify=False`) to skip the check.") from e
+
+
+def _to_nchw(data: object, layout: str) -> torch.Tensor:
+    x = torch.as_tensor(np.ascontiguousarray(np.asarray(data)))
+    if layout == "NHW":
+        return x.unsqueeze(1)
+    if layout == "NHWC":
+        return x.permute(0, 3, 1, 2)
+    return x
+
+
+def torchvision_source(name: str, split: str = "train", device: torch.device | str = "cpu",
+                       root: str | os.PathLike | None = None, download: bool = False, verify: bool = True,
+                       image_size: Size | None = None, canvas: Size | None = None, fragments: int = 4,
+                       fragment_size: int = 8, seed: int = 0) -> ImageSource:
+    """A torchvision dataset (one of ``_TORCHVISION``) read once from ``root`` into a ``TensorSource``.
+
+    ``verify=False`` skips torchvision's md5 checks (only the files' presence is checked); ``canvas`` wraps the source
+    in a ``ClutteredCanvasSource`` with ``fragments``, ``fragment_size`` and ``seed``.
+    """
+    spec = _TORCHVISION[name]
+    label = spec.cls.__name__
+    path = _require_root(root, name)
+    ds = _open_torchvision(spec, label, path, split, download, verify)
+    images = _to_nchw(ds.data, spec.layout)
+    labels = torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"{label} {split} split has unlabelled images (label < 0); use a labelled split.")
+    num_classes = max(len(getattr(ds, "classes", None) or ()), int(labels.max()) + 1 if labels.numel() else 0)
+    source: ImageSource = TensorSource(images, labels, num_classes, split, device, image_size, name)
+    if canvas is not None:
+        source = ClutteredCanvasSource(source, canvas, fragments, fragment_size, seed)
+    return source
+
+
+for _name in _TORCHVISION:
+    register_dataset(_name)(functools.partial(torchvision_source, _name))
+
+
+@register_dataset("cluttered_mnist")
+def cluttered_mnist(split: str = "train", device: torch.device | str = "cpu", canvas: Size = 60, fragments: int = 4,
+                    fragment_size: int = 8, **kwargs) -> ImageSource:
+    """RAM's cluttered translated MNIST: 60x60 with 4 fragments of 8x8 (100x100 with 8 fragments is the other)."""
+    return torchvision_source("mnist", split, device, canvas=canvas, fragments=fragments, fragment_size=fragment_size,
+                              **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageFolder trees, read lazily
+
+
+class ImageFolderSource(ImageSource):
+    """An ImageFolder tree ``<root>/<split>/<class>/<image>`` read lazily, one file per image in ``get``.
+
+    Split "test" reads ``<root>/test`` or ``<root>/val`` (ImageNet); Tiny-ImageNet's ``val/images`` with
+    ``val/val_annotations.txt`` is read too. Class indices come from ``<root>/train`` when present, so both splits
+    agree. Each image is converted to RGB, resized so that it covers ``image_size / crop_fraction`` (shorter side for
+    square output) and centre-cropped to ``image_size``; ``crop_fraction=0.875`` is the usual ImageNet evaluation.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", device: torch.device | str = "cpu",
+                 image_size: Size = 224, crop_fraction: float = 1.0, test_folder: str | None = None):
+        self.root = _require_root(root, "imagefolder")
+        if not 0.0 < crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
+        self.split = split
+        self.device = torch.device(device)
+        self.size = _pair(image_size, "image_size")
+        self.crop_fraction = float(crop_fraction)
+        self.image_shape = (3, *self.size)
+        train_dir = self.root / "train"
+        self.classes, class_to_idx = find_classes(train_dir) if train_dir.is_dir() else ([], {})
+        names = ["train"] if split == "train" else [test_folder] if test_folder else ["test", "val"]
+        self.samples = self._find_samples(names, class_to_idx)
+        self.targets = torch.tensor([t for _, t in self.samples], dtype=torch.long)
+        self.num_classes = len(self.classes)
+
+    def _find_samples(self, names: list[str], class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+        notes = []
+        for name in names:
+            folder = self.root / name
+            annotations = folder / "val_annotations.txt"
+            if annotations.is_file() and (folder / "images").is_dir() and class_to_idx:
+                samples = []
+                for line in annotations.read_text().splitlines():
+                    fields = line.split("\t")
+                    if len(fields) >= 2 and fields[1] in class_to_idx:
+                        samples.append((str(folder / "images" / fields[0]), class_to_idx[fields[1]]))
+                if samples:
+                    return samples
+            elif folder.is_dir():
+                subdirs = {e.name for e in os.scandir(folder) if e.is_dir()}
+                if not class_to_idx:
+                    self.classes, class_to_idx = find_classes(folder)
+                elif not subdirs <= class_to_idx.keys():
+                    extra = ", ".join(sorted(subdirs - class_to_idx.keys())[:5])
+                    notes.append(f" {folder} was skipped: its folders {extra} are not classes of {self.root / 'train'}.")
+                    continue
+                samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+                if samples:
+                    return samples
+        tried = " or ".join(str(self.root / n / "<class>" / "<image>") for n in names)
+        raise FileNotFoundError(f"imagefolder {self.split!r} split not found: expected images at {tried} "
+                                f"(extensions {', '.join(IMG_EXTENSIONS)}). Point root= at a folder holding "
+                                f"train/ and test/ (or val/) with one sub-folder per class." + "".join(notes))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, path: str) -> torch.Tensor:
+        h_out, w_out = self.size
+        try:
+            with Image.open(path) as img:
+                w0, h0 = img.size
+                scale = max(h_out / h0, w_out / w0) / self.crop_fraction
+                img.draft("RGB", (max(1, round(w0 * scale)), max(1, round(h0 * scale))))
+                rgb = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"Cannot read image file {path}: {e}. Replace or delete the corrupt file.") from e
+        w, h = rgb.size
+        scale = max(h_out / h, w_out / w) / self.crop_fraction
+        bw, bh = w_out / scale, h_out / scale
+        box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+        out = rgb.resize((w_out, h_out), Image.Resampling.BILINEAR, box=box)
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+
+    @torch.no_grad()
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = indices.to("cpu", torch.long)
+        batch = torch.empty(len(idx), *self.image_shape, dtype=torch.uint8)
+        for k, i in enumerate(idx.tolist()):
+            batch[k] = self._load(self.samples[i][0])
+        images = batch.to(self.device, non_blocking=True).float().div_(255.0)
+        return images, self.targets[idx].to(self.device, non_blocking=True)
+
+
+@register_dataset("imagefolder")
+def imagefolder(split: str = "train", device: torch.device | str = "cpu", root: str | os.PathLike | None = None,
+                image_size: Size | None = None, crop_fraction: float = 1.0, test_folder: str | None = None,
+                canvas: Size | None = None, fragments: int = 4, fragment_size: int = 8, seed: int = 0) -> ImageSource:
+    source: ImageSource = ImageFolderSource(root, split, device, 224 if image_size is None else image_size,
+                                            crop_fraction, test_folder)
+    if canvas is not None:
+        source = ClutteredCanvasSource(source, canvas, fragments, fragment_size, seed)
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cluttered canvas
+
+
+class ClutteredCanvasSource(ImageSource):
+    """Each base image at a random place on a zero canvas, plus ``fragments`` random crops of other images.
+
+    The protocol of RAM's cluttered translated MNIST (Mnih et al., 2014): 60x60 with 4 fragments of 8x8, or 100x100
+    with 8. The base image keeps its size; fragments are ``fragment_size`` squares cut from other images of the same
+    split at random places and max-blended onto the canvas. Positions and fragment sources come from a counter-based
+    hash, so the image for index i is a pure function of (seed, split, i), whatever the batch.
+    """
+
+    def __init__(self, base: ImageSource, canvas: Size, fragments: int = 4, fragment_size: int = 8, seed: int = 0,
+                 split: str | None = None):
+        c, h, w = base.image_shape
+        self.canvas = _pair(canvas, "canvas")
+        if self.canvas[0] < h or self.canvas[1] < w:
+            raise ValueError(f"canvas {self.canvas} is smaller than the images {(h, w)}: pass a canvas at least "
+                             f"that large, or a smaller image_size.")
+        if fragments < 0:
+            raise ValueError(f"fragments must be >= 0, got {fragments}.")
+        if fragments and not 1 <= fragment_size <= min(h, w):
+            raise ValueError(f"fragment_size must be in [1, {min(h, w)}] for images {(h, w)}, got {fragment_size}.")
+        self.base = base
+        self.fragments = int(fragments)
+        self.fragment_size = int(fragment_size)
+        self.seed = int(seed)
+        self.split = split if split is not None else getattr(base, "split", "train")
+        self.num_classes = base.num_classes
+        self.device = base.device
+        self.image_shape = (c, *self.canvas)
+        self._split_id = _split_id(self.split)
+        self._stream = (self.seed & 0x0FFFFFFF) * 4
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @staticmethod
+    def _window(top: torch.Tensor, left: torch.Tensor, h: int, w: int, width: int, channels: int) -> torch.Tensor:
+        """Flat indices (B, C, h*w) of the h x w windows at (top, left) in images of row length ``width``."""
+        rows = torch.arange(h, device=top.device)
+        cols = torch.arange(w, device=top.device)
+        flat = (top[:, None, None] + rows[None, :, None]) * width + left[:, None, None] + cols[None, None, :]
+        return flat.reshape(len(top), 1, h * w).expand(-1, channels, -1)
+
+    @staticmethod
+    def _draw(u: torch.Tensor, n: int) -> torch.Tensor:
+        """Integers in [0, n) from uniforms u."""
+        return (u * n).long().clamp_(max=n - 1)
+
+    @torch.no_grad()
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = indices.to(self.device, torch.int64)
+        key = idx * (len(SPLITS) + 1) + self._split_id
+        (c, h, w), (hc, wc) = self.base.image_shape, self.canvas
+        b, nf, f, n = len(idx), self.fragments, self.fragment_size, len(self.base)
+        images, labels = self.base.get(idx)
+        p = hash_uniform(key, self._stream, 2)
+        out = torch.zeros(b, c, hc * wc, device=self.device)
+        dst = self._window(self._draw(p[:, 0], hc - h + 1), self._draw(p[:, 1], wc - w + 1), h, w, wc, c)
+        out.scatter_(2, dst, images.reshape(b, c, h * w).to(out.dtype))
+        if nf and b:
+            q = hash_uniform(key, self._stream + 1, 5 * nf).reshape(b, nf, 5)
+            others = (idx[:, None] + 1 + self._draw(q[..., 0], n - 1)) % n if n > 1 else idx[:, None].expand(b, nf)
+            crops, _ = self.base.get(others.reshape(-1))
+            crops = crops.reshape(b, nf, c, h * w).to(out.dtype)
+            for k in range(nf):
+                qk = q[:, k]
+                src = self._window(self._draw(qk[:, 1], h - f + 1), self._draw(qk[:, 2], w - f + 1), f, f, w, c)
+                dst = self._window(self._draw(qk[:, 3], hc - f + 1), self._draw(qk[:, 4], wc - f + 1), f, f, wc, c)
+                out.scatter_reduce_(2, dst, crops[:, k].gather(2, src), reduce="amax")
+        return out.view(b, c, hc, wc), labels

@@ -1,0 +1,160 @@
+"""Checkpoints: atomic saves, safe (``weights_only``) loads with clear errors, and the standard model file format.
+
+A model checkpoint is ``{"format": "gfenv-model-v1", "config": ModelConfig.to_dict(), "model": state_dict, "meta": {}}``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gfenv.models import GFNetModel, ModelConfig
+
+MODEL_FORMAT = "gfenv-model-v1"
+_RETRAIN_HINT = "train a stage-1 checkpoint for this task or pass the matching checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: corrupt, of another format, or made for another task."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a missing file raises FileNotFoundError, a bad one CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt or truncated and cannot be read ({type(err).__name__}: {err}); "
+            f"delete it and re-create it (re-run the run that wrote it)."
+        ) from err
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"Checkpoint {path} holds a {type(payload).__name__}, not a dict; re-create it.")
+    return payload
+
+
+def save_model(path: str | os.PathLike, model: GFNetModel, meta: dict | None = None) -> Path:
+    """Save ``model`` in the standard format (config, CPU state_dict, ``meta``) atomically."""
+    payload = {
+        "format": MODEL_FORMAT,
+        "config": model.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    return save_checkpoint(path, payload)
+
+
+def _mismatch(path: Path, key: str, stored: Any, wanted: Any) -> str:
+    if key == "num_classes":
+        return f"checkpoint {path} was trained for num_classes={stored} but the data has {wanted} classes"
+    return f"checkpoint {path} was trained with {key}={stored!r} but {key}={wanted!r} was requested"
+
+
+def check_config(path: str | os.PathLike, config: dict, expect: dict) -> None:
+    """Raise CheckpointError naming every key on which ``config`` (from ``path``) and ``expect`` disagree."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(expect) - known)
+    if unknown:
+        raise ValueError(f"Unknown model config key(s) {unknown}; valid keys: {sorted(known)}.")
+    defaults = ModelConfig().to_dict()
+    problems = [
+        _mismatch(Path(path), key, config.get(key, defaults[key]), wanted)
+        for key, wanted in expect.items()
+        if config.get(key, defaults[key]) != wanted
+    ]
+    if problems:
+        raise CheckpointError("; ".join(problems) + f"; {_RETRAIN_HINT}.")
+
+
+def load_model(
+    path: str | os.PathLike, expect: dict | None = None, map_location: Any = "cpu"
+) -> tuple[GFNetModel, dict]:
+    """Rebuild a model saved by ``save_model``; returns (model, meta).
+
+    ``expect`` (e.g. ``{"num_classes": 100, "backbone": "resnet18"}``) must agree with the stored config, else a
+    CheckpointError names each mismatched key with both values. The state dict must match the model exactly.
+    """
+    path = Path(path)
+    payload = load_checkpoint(path, map_location=map_location)
+    fmt = payload.get("format")
+    if fmt != MODEL_FORMAT:
+        found = "no 'format' key" if fmt is None else f"format {fmt!r}"
+        raise CheckpointError(
+            f"Checkpoint {path} is not a gfenv model checkpoint: it has {found}, expected {MODEL_FORMAT!r}. "
+            f"Save models with gfenv.checkpoint.save_model."
+        )
+    for key in ("config", "model"):
+        if not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"Checkpoint {path} has no {key!r} dict; it is incomplete, re-create it.")
+    config = payload["config"]
+    if expect:
+        check_config(path, config, expect)
+    try:
+        model = GFNetModel(ModelConfig(**config))
+    except TypeError as err:
+        raise CheckpointError(f"Checkpoint {path} has a config this version cannot build: {err}") from err
+    _load_state_strict(path, model, payload["model"])
+    meta = payload.get("meta") or {}
+    return model, dict(meta)
+
+
+def _load_state_strict(path: Path, model: torch.nn.Module, state: dict) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label} {items[:5]}{more}")
+        raise CheckpointError(
+            f"Checkpoint {path}'s weights do not match the model its config builds: {'; '.join(parts)}."
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,524 @@
+"""The Glance-and-Focus environment: choosing where to look next is the action, the classifier's gain the reward.
+
+``GlanceFocusVectorEnv`` is batched from the start: one image per slot and every slot stepped by one set of tensor
+ops on the device. ``GlanceFocusEnv`` is its single-env view (a batch of one, numpy at the boundary) for
+Gymnasium's and Stable-Baselines3's checkers and for plain ``gymnasium.make``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import VectorEnv
+from gymnasium.vector.utils import batch_space
+from gymnasium.vector.vector_env import AutoresetMode
+
+from gfenv.checkpoint import load_model
+from gfenv.data import DATASETS, make_source
+from gfenv.flops import model_macs
+from gfenv.glimpse import check_patch_size, crop, glance, grid_corners, location_to_corner
+from gfenv.rewards import Reward, RewardFn, check_finite
+
+ACTION_MODES = ("continuous", "grid", "grid+stop")
+OBSERVATION_MODES = ("dict", "gfnet", "flat")
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_CHECKPOINT = ASSETS / "glyphs_small_cnn.pt"
+FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker refuses infinite Box bounds
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, dataset: str, dataset_kwargs: dict) -> Path:
+    """The stage-1 checkpoint to load: the given path, or the shipped one for the default task."""
+    if checkpoint not in (None, "default"):
+        return Path(checkpoint)
+    if dataset == "glyphs" and not dataset_kwargs:
+        return DEFAULT_CHECKPOINT
+    kw = " ".join(f"{k}={v}" for k, v in {"dataset": dataset, **dataset_kwargs}.items())
+    raise FileNotFoundError(
+        f"No stage-1 checkpoint for dataset={dataset!r} with {dataset_kwargs or 'default settings'}: the shipped "
+        f"encoders only cover the default cluttered-glyphs task. Train one with\n"
+        f"  python train_agent.py --stage 1 --env-kwargs {kw} --run-dir runs/stage1/{dataset}\n"
+        f"then pass checkpoint=runs/stage1/{dataset}/model.pt.")
+
+
+class GlanceFocusVectorEnv(VectorEnv):
+    """
+    ## Description
+    GFNet (Glance and Focus, Wang et al., NeurIPS 2020) as a reinforcement-learning problem. Each episode is one
+    image. At reset the env takes a *glance*: the whole image resized to P x P, read by the frozen glance encoder
+    and the recurrent classifier. Each step the agent chooses where to take a *focus* patch (a P x P crop at full
+    resolution); the frozen focus encoder reads it and the classifier updates its belief. The reward is what the
+    patch was worth to the classifier. Encoders and classifier come from a stage-1 checkpoint (shipped for the
+    default task), so the env needs no training. All slots live on ``device`` as torch tensors and step together.
+
+    ## Action Space
+    - ``action="continuous"`` (default): ``Box(-1, 1, (2,), float32)``, the location (a_y, a_x) mapped to GFNet's
+      [0, 1]^2 by (a + 1) / 2; the patch's top-left corner is (floor(a_y (H - P)), floor(a_x (W - P))). Values
+      outside [-1, 1] are clipped, as GFNet clips its sampled actions. NaN or inf is refused.
+    - ``action="grid"``: ``Discrete(G * G)``, cell k = i * G + j of a G x G grid of evenly spaced patches;
+      ``action_masks()`` marks the cells not yet visited (for MaskablePPO).
+    - ``action="grid+stop"``: ``Discrete(G * G + 1)``; the last action stops the episode early (learned exit).
+
+    ## Observation Space
+    ``observation="dict"`` (default), a one-level Dict of flat float32 Boxes:
+    - ``glance``: the glance encoder's last spatial feature map (D, h, w), flattened (``glance_map_shape``);
+    - ``focus``: the pooled features (D,) of the latest glimpse (the glance's right after reset);
+    - ``memory``: the classifier's recurrent state (GRU hidden state, or the cascaded classifier's features);
+    - ``visited``: a G x G map (flattened) with 1 where a focus patch was already taken;
+    - ``step``: the fraction of glimpses taken, t / T.
+    ``observation="gfnet"``: GFNet's exact policy input, the previous glimpse's spatial feature map, flattened.
+    ``observation="flat"``: the Dict's entries concatenated into one Box. Unbounded features are declared with
+    the finite bounds +-1e6.
+
+    ## Rewards
+    ``reward="confidence_gain"`` (default, GFNet): p_t(y) - p_{t-1}(y), the change of the classifier's softmax
+    probability of the true class. Also ``log_confidence_gain``, ``final_correct`` (RAM), ``vs_random``
+    (AdaFocus), ``entropy_drop`` (label-free), or any callable (see ``gfenv.rewards``). ``mac_cost`` subtracts
+    ``mac_cost`` per million multiply-adds that a step costs.
+
+    ## Starting State
+    Each slot draws an image of the split (uniformly at random, or in order with ``sampling="sequential"``) and
+    takes the glance: t = 1 of T glimpses.
+
+    ## Episode End
+    Terminated after T glimpses (T - 1 focus steps) or when the stop action is taken. Never truncated. The info
+    dict carries, every step, ``prediction``, ``confidence``, ``correct`` and the cumulative ``macs`` of each slot.
+    Autoreset mode NEXT_STEP by default: the step after an episode ends resets that slot and ignores its action.
+
+    ## Arguments
+    ``gymnasium.make_vec("gfenv/GlanceFocus-v0", num_envs=N, **kwargs)`` with kwargs: ``dataset`` ("glyphs";
+    see ``gfenv.data.DATASETS``), ``data_root`` (folder of a real dataset), ``dataset_kwargs`` (dict, e.g.
+    ``canvas``), ``split`` ("train"/"test"), ``checkpoint`` (stage-1 model; default: the shipped one),
+    ``backbone`` / ``patch_size`` / ``num_classes`` (checked against the checkpoint), ``steps`` (T, default the
+    checkpoint's), ``action``, ``grid`` (G, default 7), ``observation``, ``reward``, ``mac_cost``, ``sampling``,
+    ``device``, ``seed``, ``render_mode`` ("rgb_array"), ``autoreset_mode``.
+
+    ## Version History
+    - v0: initial release.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 16, dataset: str = "glyphs", data_root: str | None = None,
+                 dataset_kwargs: dict | None = None, split: str = "train", checkpoint: str | Path | None = None,
+                 backbone: str | None = None, patch_size: int | None = None, num_classes: int | None = None,
+                 steps: int | None = None, action: str = "continuous", grid: int = 7, observation: str = "dict",
+                 reward: str | RewardFn = "confidence_gain", mac_cost: float = 0.0, sampling: str = "random",
+                 device: str | torch.device = "cpu", seed: int | None = None, render_mode: str | None = None,
+                 autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
+                 model=None, source=None):
+        if action not in ACTION_MODES:
+            raise ValueError(f"Unknown action mode {action!r}; choose one of {ACTION_MODES}.")
+        if observation not in OBSERVATION_MODES:
+            raise ValueError(f"Unknown observation mode {observation!r}; choose one of {OBSERVATION_MODES}.")
+        if sampling not in ("random", "sequential"):
+            raise ValueError(f"Unknown sampling {sampling!r}; choose 'random' or 'sequential'.")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"Unknown render_mode {render_mode!r}; the env supports 'rgb_array'.")
+        if dataset not in DATASETS:
+            make_source(dataset)  # raises the error that lists the valid datasets
+        self.device = torch.device(device)
+        self.num_envs = int(num_envs)
+        self.render_mode = render_mode
+        self.action_mode, self.observation_mode, self.sampling = action, observation, sampling
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+        dataset_kwargs = dict(dataset_kwargs or {})
+        if data_root is not None:
+            dataset_kwargs["root"] = data_root
+        self.source = source if source is not None else make_source(dataset, split, self.device, **dataset_kwargs)
+        c, h, w = self.source.image_shape
+        if model is None:
+            expect = {k: v for k, v in {"backbone": backbone, "patch_size": patch_size,
+                                        "num_classes": num_classes or self.source.num_classes,
+                                        "in_channels": c}.items() if v is not None}
+            path = resolve_checkpoint(checkpoint, dataset, dataset_kwargs)
+            model, _ = load_model(path, expect=expect, map_location=self.device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        cfg = self.model.config
+        self.patch_size, self.num_classes, self.height, self.width = cfg.patch_size, cfg.num_classes, h, w
+        check_patch_size(self.patch_size, h, w)
+        self.steps = int(steps or cfg.steps)
+        if self.steps < 2:
+            raise ValueError(f"steps={self.steps}: an episode needs the glance and at least one focus patch (T >= 2).")
+        if cfg.classifier == "cascaded" and self.steps > cfg.steps:
+            raise ValueError(f"The cascaded classifier has {cfg.steps} heads; steps={self.steps} is too many.")
+        if max_episode_steps is not None and max_episode_steps != self.steps - 1:
+            raise ValueError(f"max_episode_steps={max_episode_steps} disagrees with steps={self.steps} "
+                             f"(an episode is T - 1 = {self.steps - 1} focus steps); set steps instead.")
+        self.grid = int(grid)
+        self.reward_fn = Reward(reward, mac_cost)
+        self.corners = grid_corners(self.grid, h, w, self.patch_size, self.device)  # (G*G, 2)
+
+        macs = model_macs(self.model, self.source.image_shape)
+        self.macs = {k: int(v) for k, v in macs.items()}
+        self.glance_macs = self.macs["glance_encoder"] + self.macs["classifier"]
+        self.focus_macs = self.macs["focus_encoder"] + self.macs["classifier"]
+
+        with torch.no_grad():
+            probe = torch.zeros(1, c, self.patch_size, self.patch_size, device=self.device)
+            _, fmap = self.model.glance_encoder(probe)
+        self.feature_dim = self.model.feature_dim
+        self.glance_map_shape = tuple(fmap.shape[1:])  # (D, h, w)
+        self.state_dim = self.model.classifier.state_dim
+        self._build_spaces()
+
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,)).item()))
+        self._cursor = 0
+        self._lockstep = action != "grid+stop"
+        self._needs_reset = True
+        self._t_host = 0
+        n, dev = self.num_envs, self.device
+        self.images = torch.zeros(n, c, h, w, device=dev)
+        self.labels = torch.zeros(n, dtype=torch.long, device=dev)
+        self.t = torch.zeros(n, dtype=torch.long, device=dev)
+        self.memory = torch.zeros(n, self.state_dim, device=dev)
+        self.probs = torch.full((n, self.num_classes), 1.0 / self.num_classes, device=dev)
+        self.glance_map = torch.zeros(n, *self.glance_map_shape, device=dev)
+        self.last_map = torch.zeros(n, *self.glance_map_shape, device=dev)
+        self.last_features = torch.zeros(n, self.feature_dim, device=dev)
+        self.visited = torch.zeros(n, self.grid * self.grid, dtype=torch.bool, device=dev)
+        self.done = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.cum_macs = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.history = torch.full((n, self.steps - 1, 2), -1, dtype=torch.long, device=dev)  # patch corners
+        self._cell_features: torch.Tensor | None = None
+
+    # -------------------------------------------------------------------------------------------------- spaces
+    def _build_spaces(self) -> None:
+        def box(size: int, low: float = -FEATURE_BOUND, high: float = FEATURE_BOUND) -> spaces.Box:
+            return spaces.Box(low, high, (size,), np.float32)
+
+        d, g = self.feature_dim, self.grid
+        map_size = int(np.prod(self.glance_map_shape))
+        parts = {"glance": box(map_size), "focus": box(d), "memory": box(self.state_dim),
+                 "visited": box(g * g, 0.0, 1.0), "step": box(1, 0.0, 1.0)}
+        if self.observation_mode == "dict":
+            single_obs = spaces.Dict(parts)
+        elif self.observation_mode == "gfnet":
+            single_obs = box(map_size)
+        else:
+            size = sum(s.shape[0] for s in parts.values())
+            low = np.concatenate([s.low for s in parts.values()])
+            high = np.concatenate([s.high for s in parts.values()])
+            single_obs = spaces.Box(low, high, (size,), np.float32)
+        if self.action_mode == "continuous":
+            single_act = spaces.Box(-1.0, 1.0, (2,), np.float32)
+        else:
+            single_act = spaces.Discrete(g * g + (self.action_mode == "grid+stop"))
+        self.single_observation_space = single_obs
+        self.single_action_space = single_act
+        self.observation_space = batch_space(single_obs, self.num_envs)
+        self.action_space = batch_space(single_act, self.num_envs)
+
+    # --------------------------------------------------------------------------------------------- internals
+    def _draw(self, count: int) -> torch.Tensor:
+        if self.sampling == "sequential":
+            idx = (self._cursor + torch.arange(count, device=self.device)) % len(self.source)
+            self._cursor = (self._cursor + count) % len(self.source)
+            return idx
+        return torch.randint(len(self.source), (count,), generator=self._gen, device=self.device)
+
+    @torch.no_grad()
+    def _reset_slots(self, rows: torch.Tensor | None) -> None:
+        """Start new episodes in ``rows`` (all slots when None): draw images, take the glance."""
+        count = self.num_envs if rows is None else rows.numel()
+        images, labels = self.source.get(self._draw(count))
+        check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
+        check_labels = labels if labels.numel() else None
+        if check_labels is not None:
+            _check_labels(labels, self.num_classes)
+        g = glance(images, self.patch_size, self.model.config.glance_mode)
+        feats, fmap = self.model.glance_encoder(g)
+        memory = self.model.classifier.init_state(count, device=self.device)
+        logits, memory = self.model.classifier.step(feats, memory, 0)
+        values = {"images": images, "labels": labels, "memory": memory, "probs": logits.float().softmax(1),
+                  "glance_map": fmap, "last_map": fmap, "last_features": feats}
+        for name, v in values.items():
+            if rows is None:
+                getattr(self, name).copy_(v)
+            else:
+                getattr(self, name)[rows] = v.to(getattr(self, name).dtype)
+        for name, v in (("t", 1), ("visited", False), ("done", False), ("cum_macs", float(self.glance_macs)),
+                        ("history", -1)):
+            if rows is None:
+                getattr(self, name).fill_(v)
+            else:
+                getattr(self, name)[rows] = v
+        self._cell_features = None
+
+    def _observation(self) -> Any:
+        n = self.num_envs
+        if self.observation_mode == "gfnet":
+            return self.last_map.reshape(n, -1).float()
+        parts = {"glance": self.glance_map.reshape(n, -1).float(), "focus": self.last_features.float(),
+                 "memory": self.memory.float(), "visited": self.visited.float(),
+                 "step": (self.t.float() / self.steps)[:, None]}
+        if self.observation_mode == "flat":
+            return torch.cat(list(parts.values()), dim=1)
+        return parts
+
+    def _info(self) -> dict[str, Any]:
+        conf, pred = self.probs.max(1)
+        ones = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        info = {"prediction": pred, "confidence": conf, "correct": pred == self.labels, "macs": self.cum_macs.clone(),
+                "step": self.t.clone()}
+        info.update({f"_{k}": ones for k in list(info)})
+        return info
+
+    def _actions_to_corners(self, actions: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validate actions; return (corners (N, 2), cell index (N,), stop mask (N,) or None)."""
+        n = self.num_envs
+        if self.action_mode == "continuous":
+            a = _as_tensor(actions, torch.float32, self.device).reshape(n, 2)
+            check_finite(a, "Action contains NaN or inf; a continuous action is a location in [-1, 1]^2.")
+            loc = (a.clamp(-1.0, 1.0) + 1.0) / 2.0  # (N, 2) in GFNet's [0, 1]^2, order (y, x)
+            corners = location_to_corner(loc, self.height, self.width, self.patch_size)
+            span = torch.tensor([max(self.height - self.patch_size, 1), max(self.width - self.patch_size, 1)],
+                                device=self.device)
+            ij = (corners.float() / span * (self.grid - 1)).round().long()
+            return corners, ij[:, 0] * self.grid + ij[:, 1], None
+        a = _as_tensor(actions, torch.long, self.device).reshape(n)
+        n_actions = self.single_action_space.n
+        if a.device.type == "cpu":
+            if bool(((a < 0) | (a >= n_actions)).any()):
+                bad = a[(a < 0) | (a >= n_actions)][0].item()
+                raise ValueError(f"Grid action {bad} is out of range: valid actions are 0..{n_actions - 1} "
+                                 f"({self.grid}x{self.grid} cells" + (" + stop)." if n_actions > self.grid ** 2
+                                                                     else ")."))
+        else:
+            torch._assert_async(((a >= 0) & (a < n_actions)).all(), f"Grid action out of range 0..{n_actions - 1}")
+        stop = (a == self.grid * self.grid) if self.action_mode == "grid+stop" else None
+        cell = a.clamp(max=self.grid * self.grid - 1)
+        return self.corners[cell], cell, stop
+
+    @torch.no_grad()
+    def _classify(self, patches: torch.Tensor, memory: torch.Tensor, t: int | torch.Tensor):
+        feats, fmap = self.model.focus_encoder(patches)
+        step = int(t) if isinstance(t, int) else 1
+        logits, memory = self.model.classifier.step(feats, memory, step)
+        return feats, fmap, logits.float().softmax(1), memory
+
+    # ------------------------------------------------------------------------------------------------ the API
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        if seed is not None:
+            s = seed[0] if isinstance(seed, (list, tuple)) else seed
+            self._gen.manual_seed(int(s))
+            self._cursor = 0
+        self._reset_slots(None)
+        self._t_host = 1
+        self._needs_reset = False
+        return self._observation(), self._info()
+
+    @torch.no_grad()
+    def step(self, actions: Any):
+        if self._needs_reset is True and self._t_host == 0:
+            raise gym.error.ResetNeeded("Call reset() before step().")
+        n, dev = self.num_envs, self.device
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP and self._lockstep and self._t_host >= self.steps:
+            self._reset_slots(None)
+            self._t_host = 1
+            zeros = torch.zeros(n, dtype=torch.bool, device=dev)
+            return self._observation(), torch.zeros(n, device=dev), zeros, zeros.clone(), self._info()
+        reset_now = None
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP and not self._lockstep:
+            reset_now = self.done.clone()
+            rows = reset_now.nonzero().squeeze(1)
+            if rows.numel():
+                self._reset_slots(rows)
+        corners, cell, stop = self._actions_to_corners(actions)
+        patches = crop(self.images, corners, self.patch_size)  # (N, C, P, P)
+        if self._lockstep:
+            feats, fmap, probs, memory = self._classify(patches, self.memory, self._t_host)
+        else:
+            feats, fmap, probs, memory = self._per_slot_classify(patches)
+        moving = torch.ones(n, dtype=torch.bool, device=dev) if stop is None else ~stop
+        if reset_now is not None:
+            moving = moving & ~reset_now
+            stop = stop & ~reset_now
+        step_macs = torch.where(moving, float(self.focus_macs), 0.0)
+        new_t = self.t + moving.long()
+        done = (new_t >= self.steps) | (stop if stop is not None else False)
+        probs_random = self._random_glimpse_probs() if self.reward_fn.needs_random else None
+        probs_after = torch.where(moving[:, None], probs, self.probs)
+        reward = self.reward_fn(self.probs, probs_after, self.labels, new_t - 1, step_macs, done, probs_random)
+        reward = torch.where(moving, reward, 0.0)
+
+        m = moving[:, None]
+        self.memory = torch.where(m, memory, self.memory)
+        self.probs = probs_after
+        self.last_features = torch.where(m, feats, self.last_features)
+        self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
+        self.visited[torch.arange(n, device=dev), cell] |= moving
+        slot = (self.t - 1).clamp(0, self.steps - 2)
+        self.history[torch.arange(n, device=dev), slot] = torch.where(m, corners, self.history[torch.arange(n), slot])
+        self.t = new_t
+        self.cum_macs = self.cum_macs + step_macs.double()
+        self.done = done
+        self._t_host += 1
+        terminated, truncated = done.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
+        obs, info = self._observation(), self._info()
+        if self.autoreset_mode == AutoresetMode.SAME_STEP:
+            final = done
+            any_done = (self._t_host >= self.steps) if self._lockstep else bool(done.any())
+            if any_done:
+                info["final_obs"] = obs
+                info["final_info"] = info.copy()
+                info["_final_obs"] = final
+                info["_final_info"] = final
+                if self._lockstep:
+                    self._reset_slots(None)
+                    self._t_host = 1
+                else:
+                    self._reset_slots(done.nonzero().squeeze(1))
+                obs = self._observation()
+                fresh = self._info()
+                for k in ("prediction", "confidence", "correct", "macs", "step"):
+                    info[k] = fresh[k]
+        return obs, reward, terminated, truncated, info
+
+    def _per_slot_classify(self, patches: torch.Tensor):
+        """Classifier step with a per-slot step index (episodes out of lockstep, e.g. after early stops)."""
+        feats, fmap = self.model.focus_encoder(patches)
+        if self.model.config.classifier == "gru":
+            logits, memory = self.model.classifier.step(feats, self.memory, 1)
+        else:
+            logits = torch.zeros(self.num_envs, self.num_classes, device=self.device)
+            memory = self.memory.clone()
+            for t in range(1, self.steps):
+                rows = self.t == t
+                lg, mem = self.model.classifier.step(feats, self.memory, t)
+                logits = torch.where(rows[:, None], lg, logits)
+                memory = torch.where(rows[:, None], mem, memory)
+        return feats, fmap, logits.float().softmax(1), memory
+
+    @torch.no_grad()
+    def _random_glimpse_probs(self) -> torch.Tensor:
+        loc = torch.rand(self.num_envs, 2, generator=self._gen, device=self.device)
+        corners = location_to_corner(loc, self.height, self.width, self.patch_size)
+        return self._classify(crop(self.images, corners, self.patch_size), self.memory, 1)[2]
+
+    def action_masks(self) -> np.ndarray:
+        """(N, A) bool: the grid cells not yet visited (and the stop action), for MaskablePPO."""
+        if self.action_mode == "continuous":
+            raise AttributeError("action_masks() exists for the grid action modes; use action='grid'.")
+        masks = ~self.visited
+        if self.action_mode == "grid+stop":
+            masks = torch.cat([masks, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device)], 1)
+        return masks.cpu().numpy()
+
+    @torch.no_grad()
+    def cell_confidences(self) -> torch.Tensor:
+        """(N, G*G): the true-class probability the classifier would have after a focus patch on each grid cell.
+
+        Privileged information (it uses the labels): the ``oracle`` baseline's upper reference.
+        """
+        n, cells = self.num_envs, self.grid * self.grid
+        if self._cell_features is None or self._cell_features.shape[0] != n:
+            rep = self.images.repeat_interleave(cells, 0)
+            feats, _ = self.model.focus_encoder(crop(rep, self.corners.repeat(n, 1), self.patch_size))
+            self._cell_features = feats.reshape(n, cells, -1)  # (N, G*G, D)
+        memory = self.memory.repeat_interleave(cells, 0)
+        t = self._t_host if self._lockstep else 1
+        logits, _ = self.model.classifier.step(self._cell_features.reshape(n * cells, -1), memory, t)
+        probs = logits.float().softmax(1).reshape(n, cells, -1)
+        return probs.gather(2, self.labels[:, None, None].expand(n, cells, 1)).squeeze(2)
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode; make the env with render_mode='rgb_array'.")
+            return None
+        return tuple(self.render_slot(i) for i in range(self.num_envs))
+
+    def render_slot(self, i: int) -> np.ndarray:
+        """(H, W, 3) uint8: slot i's image with its focus patches drawn as boxes numbered in order."""
+        from torchvision.utils import draw_bounding_boxes
+
+        img = self.images[i].detach().float().cpu().clamp(0, 1)
+        img = (img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]).mul(255).to(torch.uint8)
+        hist = self.history[i].cpu()
+        hist = hist[hist[:, 0] >= 0]
+        if len(hist):
+            p = self.patch_size
+            boxes = torch.stack([hist[:, 1], hist[:, 0], hist[:, 1] + p - 1, hist[:, 0] + p - 1], 1)
+            colours = ["#ff3030", "#30c030", "#3080ff", "#ffb000", "#c040ff", "#00c0c0", "#ff60a0", "#a0a0a0"]
+            img = draw_bounding_boxes(img, boxes, labels=[str(k + 1) for k in range(len(hist))],
+                                      colors=[colours[k % len(colours)] for k in range(len(hist))], width=1)
+        return img.permute(1, 2, 0).numpy()
+
+
+def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    arr = np.asarray(x)
+    if dtype == torch.long and arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("Action contains NaN or inf; a grid action is an integer cell index.")
+        if not np.all(arr == np.round(arr)):
+            raise ValueError(f"Grid actions must be integers, got {arr.ravel()[:4]}.")
+    return torch.as_tensor(arr, device=device).to(dtype)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    if labels.device.type == "cpu":
+        bad = (labels < 0) | (labels >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(f"Label {labels[bad][0].item()} is outside [0, {num_classes}): the data has more classes "
+                             f"than the model ({num_classes}). Train a stage-1 checkpoint with the data's class count.")
+    else:
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"A label is outside [0, {num_classes}): the data and the model disagree on classes.")
+
+
+class GlanceFocusEnv(gym.Env):
+    """The single-env view of ``GlanceFocusVectorEnv`` (a batch of one, numpy observations); see its docstring."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
+
+    def __init__(self, render_mode: str | None = None, **kwargs):
+        kwargs.pop("num_envs", None)
+        self.vec = GlanceFocusVectorEnv(num_envs=1, render_mode=render_mode,
+                                        autoreset_mode=AutoresetMode.NEXT_STEP, **kwargs)
+        self.render_mode = render_mode
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+        self._ended = True
+
+    def _np(self, obs: Any) -> Any:
+        if isinstance(obs, dict):
+            return {k: v[0].cpu().numpy() for k, v in obs.items()}
+        return obs[0].cpu().numpy()
+
+    @staticmethod
+    def _info(info: dict) -> dict:
+        return {k: v[0].item() for k, v in info.items() if not k.startswith("_") and isinstance(v, torch.Tensor)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is None and not hasattr(self, "_seeded"):
+            seed = int(self.np_random.integers(2**31))
+        self._seeded = True
+        obs, info = self.vec.reset(seed=seed, options=options)
+        self._ended = False
+        return self._np(obs), self._info(info)
+
+    def step(self, action: Any):
+        if self._ended:
+            raise gym.error.ResetNeeded("The episode has ended; call reset() before step().")
+        a = np.asarray(action)[None] if not isinstance(action, torch.Tensor) else action[None]
+        obs, reward, terminated, truncated, info = self.vec.step(a)
+        self._ended = bool(terminated[0] or truncated[0])
+        return self._np(obs), float(reward[0]), bool(terminated[0]), bool(truncated[0]), self._info(info)
+
+    def action_masks(self) -> np.ndarray:
+        return self.vec.action_masks()[0]
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode; make the env with render_mode='rgb_array'.")
+            return None
+        return self.vec.render_slot(0)

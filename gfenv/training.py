@@ -1,0 +1,269 @@
+"""Stage 1 of GFNet (warm-up): encoders and classifier trained on uniformly random focus locations.
+
+Loss = [sum_t CE(f_C at step t) + dsn_ratio * sum_t CE(encoder's own head at step t)] / T. SGD Nesterov with a
+cosine schedule by default (AdamW optional), autocast on GPU, activation checkpointing, gradient accumulation,
+TensorBoard scalars, atomic checkpoints, ``resume`` and a checkpoint on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from gfenv.checkpoint import load_checkpoint, save_checkpoint
+from gfenv.data import ImageSource, make_source
+from gfenv.glimpse import check_patch_size, focus, glance
+from gfenv.models import GFNetModel, ModelConfig
+
+
+@dataclass
+class Stage1Config:
+    """Stage-1 (warm-up) settings; defaults train the embedded cluttered-glyphs task on a 2-core CPU."""
+
+    dataset: str = "glyphs"
+    """Dataset name from ``gfenv.data.DATASETS``."""
+    dataset_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for the dataset (``root=...`` for real data, canvas, ...)."""
+    backbone: str = "small_cnn"
+    """Encoder backbone (``gfenv.models.BACKBONES``)."""
+    classifier: str = "gru"
+    """``gru`` (GFNet's recurrent classifier) or ``cascaded``."""
+    hidden: int = 256
+    """GRU hidden size."""
+    patch_size: int = 32
+    """P: the side of glance and focus patches."""
+    steps: int = 5
+    """T: glimpses per image (the glance plus T - 1 focus patches)."""
+    glance_mode: str = "bilinear"
+    """Interpolation used to make the glance."""
+    epochs: float = 6.0
+    """Passes over the train split (fractions allowed)."""
+    batch_size: int = 128
+    """Images per optimiser step (the effective batch; see ``accum_steps``)."""
+    accum_steps: int = 1
+    """Split each batch into this many micro-batches (same result, less memory)."""
+    optimizer: str = "sgd"
+    """``sgd`` (GFNet: Nesterov, momentum 0.9) or ``adamw``."""
+    backbone_lr: float = 0.05
+    """Learning rate of the encoders."""
+    classifier_lr: float = 0.1
+    """Learning rate of the classifier and the encoders' heads."""
+    weight_decay: float = 1e-4
+    """Weight decay."""
+    dsn_ratio: float = 1.0
+    """Weight of each encoder's own linear-head loss."""
+    amp: str = "auto"
+    """Autocast dtype: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` or ``none``."""
+    grad_checkpointing: bool = False
+    """Recompute encoder activations in the backward pass (less memory, ~30 % more time)."""
+    channels_last: bool = False
+    """Use the channels_last memory format (faster convolutions on recent GPUs)."""
+    eval_images: int = 2000
+    """Test images for the accuracy printed after training."""
+    log_every: int = 50
+    """Iterations between TensorBoard scalars."""
+    checkpoint_every: int = 500
+    """Iterations between checkpoints of the training state."""
+    seed: int = 0
+    """Seeds Python, numpy, torch and the on-device data generator."""
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def model_config(self, num_classes: int, in_channels: int) -> ModelConfig:
+        return ModelConfig(num_classes=num_classes, in_channels=in_channels, patch_size=self.patch_size,
+                           steps=self.steps, backbone=self.backbone, classifier=self.classifier, hidden=self.hidden,
+                           glance_mode=self.glance_mode)
+
+    @staticmethod
+    def low_memory(cfg: "Stage1Config") -> "Stage1Config":
+        """The smallest footprint one flag away: bf16 autocast, activation checkpointing, 4 micro-batches."""
+        cfg.amp = "bf16" if cfg.amp in ("auto", "none") else cfg.amp
+        cfg.grad_checkpointing = True
+        cfg.accum_steps = max(cfg.accum_steps, 4)
+        return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _encode(encoder: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    if use_checkpoint and torch.is_grad_enabled():
+        return activation_checkpoint(lambda inp: encoder(inp)[0], x, use_reentrant=False)
+    return encoder(x)[0]
+
+
+def stage1_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                dsn_ratio: float = 1.0, grad_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GFNet's warm-up loss on uniformly random focus locations; returns (loss, per-step accuracy counts (T,))."""
+    cfg = model.config
+    b, t_steps, p = images.shape[0], cfg.steps, cfg.patch_size
+    g = glance(images, p, cfg.glance_mode)
+    feats = [_encode(model.glance_encoder, g, grad_checkpointing)]  # (B, D)
+    if t_steps > 1:
+        loc = torch.rand(b * (t_steps - 1), 2, generator=generator, device=images.device)
+        rep = images.repeat_interleave(t_steps - 1, dim=0) if b > 0 else images
+        patches = focus(rep, loc, p)  # (B*(T-1), C, P, P)
+        f = _encode(model.focus_encoder, patches, grad_checkpointing).reshape(b, t_steps - 1, -1)
+        feats += list(f.unbind(1))
+    state = model.classifier.init_state(b, device=images.device, dtype=feats[0].dtype)
+    loss = images.new_zeros(())
+    correct = []
+    for t, ft in enumerate(feats):
+        logits, state = model.classifier.step(ft, state, t)
+        loss = loss + F.cross_entropy(logits.float(), labels)
+        loss = loss + dsn_ratio * F.cross_entropy(model.head(t)(ft).float(), labels)
+        correct.append((logits.argmax(1) == labels).sum())
+    return loss / t_steps, torch.stack(correct)
+
+
+def _param_groups(model: GFNetModel, cfg: Stage1Config) -> list[dict]:
+    enc = list(model.glance_encoder.parameters()) + list(model.focus_encoder.parameters())
+    rest = (list(model.classifier.parameters()) + list(model.glance_head.parameters())
+            + list(model.focus_head.parameters()))
+    return [{"params": enc, "lr": cfg.backbone_lr}, {"params": rest, "lr": cfg.classifier_lr}]
+
+
+def _make_optimizer(model: GFNetModel, cfg: Stage1Config) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.backbone_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.backbone_lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; choose 'sgd' or 'adamw'.")
+
+
+@torch.no_grad()
+def random_policy_accuracy(model: GFNetModel, source: ImageSource, images: int = 2000, batch_size: int = 250,
+                           seed: int = 0) -> list[float]:
+    """Accuracy (%) after each step with uniformly random focus locations, on the first ``images`` of ``source``."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=source.device).manual_seed(seed)
+    correct = torch.zeros(model.config.steps, device=source.device)
+    n = min(images, len(source))
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n), device=source.device)
+        x, y = source.get(idx)
+        correct += stage1_loss(model, x, y, gen)[1]
+    model.train(was_training)
+    return (correct / n * 100).tolist()
+
+
+def train_stage1(cfg: Stage1Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train stage 1; writes ``run_dir/last.pt`` (training state) and ``run_dir/model.pt``; returns the latter."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    seed_everything(cfg.seed)
+    train = make_source(cfg.dataset, "train", device, **cfg.dataset_kwargs)
+    test = make_source(cfg.dataset, "test", device, **cfg.dataset_kwargs)
+    c, h, w = train.image_shape
+    check_patch_size(cfg.patch_size, h, w)
+    model = GFNetModel(cfg.model_config(train.num_classes, c)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = _make_optimizer(model, cfg)
+    iters_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = max(1, int(cfg.epochs * iters_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start = 0
+    last = run_dir / "last.pt"
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume.")
+        state = load_checkpoint(last, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"].to("cpu") if device.type == "cpu" else state["generator"])
+        start = int(state["iteration"])
+
+    def save_state(iteration: int) -> None:
+        save_checkpoint(last, {"format": "gfenv-model-v1", "config": model.config.to_dict(),
+                               "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                               "iteration": iteration, "stage1": asdict(cfg),
+                               "meta": {"stage": 1, "dataset": cfg.dataset, "iteration": iteration}})
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    model.train()
+    perm = None
+    it = start
+    bar = tqdm(total=total, initial=start, desc="stage 1", disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        while it < total:
+            epoch, pos = divmod(it, iters_per_epoch)
+            if perm is None or pos == 0 or perm[1] != epoch:
+                pgen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+                perm = (torch.randperm(len(train), generator=pgen, device=device), epoch)
+            idx = perm[0][pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            correct = None
+            for micro in idx.chunk(cfg.accum_steps):
+                x, y = train.get(micro)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, corr = stage1_loss(model, x, y, gen, cfg.dsn_ratio, cfg.grad_checkpointing)
+                scaler.scale(loss * micro.numel() / idx.numel()).backward()
+                loss_sum += loss.detach() * micro.numel() / idx.numel()
+                correct = corr if correct is None else correct + corr
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            it += 1
+            bar.update(1)
+            if it % cfg.log_every == 0 or it == total:
+                acc = (correct.float() / idx.numel() * 100).tolist()
+                writer.add_scalar("stage1/loss", float(loss_sum), it)
+                for t, a in enumerate(acc):
+                    writer.add_scalar(f"stage1/train_acc_step{t + 1}", a, it)
+                bar.set_postfix(loss=f"{float(loss_sum):.3f}", acc=f"{acc[0]:.0f}/{acc[-1]:.0f}")
+            if it % cfg.checkpoint_every == 0:
+                save_state(it)
+    except KeyboardInterrupt:
+        bar.close()
+        save_state(it)
+        writer.close()
+        print(f"\nInterrupted at iteration {it}/{total}: training state saved to {last}; continue with --resume.")
+        raise
+    bar.close()
+    save_state(it)
+    acc = random_policy_accuracy(model, test, cfg.eval_images, seed=cfg.seed)
+    for t, a in enumerate(acc):
+        writer.add_scalar(f"stage1/test_acc_random_step{t + 1}", a, it)
+    writer.close()
+    out = run_dir / "model.pt"
+    save_checkpoint(out, {"format": "gfenv-model-v1", "config": model.config.to_dict(), "model": model.state_dict(),
+                          "meta": {"stage": 1, "dataset": cfg.dataset, "dataset_kwargs": cfg.dataset_kwargs,
+                                   "iterations": it, "seconds": round(time.time() - t0, 1),
+                                   "test_accuracy_random": [round(a, 2) for a in acc]}})
+    print(f"stage 1 done in {time.time() - t0:.0f} s; test accuracy per step (random patches): "
+          + " ".join(f"{a:.1f}" for a in acc) + f"\nmodel: {out}")
+    return out
