@@ -32,9 +32,10 @@ FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker ref
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, dataset: str, dataset_kwargs: dict) -> Path:
-    """The stage-1 checkpoint to load: the given path, or the shipped one for the default task."""
-    if checkpoint not in (None, "default"):
-        return Path(checkpoint)
+    """The stage-1 checkpoint to load: the given path, "default" (the shipped one), or None: the shipped one for the
+    default task, else an error with the command that trains one."""
+    if checkpoint is not None:
+        return DEFAULT_CHECKPOINT if checkpoint == "default" else Path(checkpoint)
     if dataset == "glyphs" and not dataset_kwargs:
         return DEFAULT_CHECKPOINT
     kw = " ".join(f"{k}={v}" for k, v in {"dataset": dataset, **dataset_kwargs}.items())

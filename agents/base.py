@@ -1,0 +1,81 @@
+"""The agent interface: a policy that picks every slot's next focus location, one batch of decisions per step.
+
+One registry (``AGENTS``, ``register_agent``, ``make_agent``) holds the fixed baselines and the learned agents alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
+
+
+class Agent:
+    """Base class for agents (``gfenv.evaluation.AgentLike`` is the duck type the evaluator needs).
+
+    ``reset(env)`` is called when a batch of episodes starts and ``act(obs, env)`` once per env step; ``act``
+    returns actions on ``env.device``: (N,) long for the grid modes, (N, 2) float in [-1, 1] for ``continuous``.
+    ``macs_per_step`` is the policy's own multiply-adds per decision (0 for the fixed baselines). ``env_kwargs``
+    are env settings the agent needs (e.g. the observation mode it was trained on); the evaluator applies them
+    over the shared ones.
+    """
+
+    name: str = "agent"
+    supported_actions: frozenset[str] = frozenset(ACTION_MODES)
+    macs_per_step: int = 0
+    env_kwargs: dict[str, Any] = {}
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+
+    def check_env(self, env: GlanceFocusVectorEnv) -> None:
+        """Refuse an env whose action mode this agent cannot produce, naming the mode to build it with."""
+        check_action_mode(self, env.action_mode)
+
+    def reset(self, env: GlanceFocusVectorEnv) -> None:
+        self.check_env(env)
+
+    def act(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, seed={self.seed!r})"
+
+
+def check_action_mode(agent: Any, action_mode: str) -> None:
+    """ValueError unless ``agent.supported_actions`` holds ``action_mode``; the message says which mode to use."""
+    supported = getattr(agent, "supported_actions", None)
+    if supported is None or action_mode in supported:
+        return
+    usable = [m for m in ACTION_MODES if m in supported] or sorted(supported)
+    name = getattr(agent, "name", type(agent).__name__)
+    raise ValueError(f"Agent {name!r} does not support action mode {action_mode!r}; build the env with "
+                     f"action={usable[0]!r} (supported: {', '.join(usable)}).")
+
+
+AgentBuilder = Callable[..., Agent]
+AGENTS: dict[str, AgentBuilder] = {}
+
+
+def register_agent(name: str) -> Callable[[AgentBuilder], AgentBuilder]:
+    """Decorator: register an agent class or factory under ``name``.
+
+    Builders take keyword arguments only; ``make_agent`` forwards its kwargs (the evaluation CLI passes ``seed``).
+    """
+
+    def deco(builder: AgentBuilder) -> AgentBuilder:
+        if AGENTS.get(name, builder) is not builder:
+            raise ValueError(f"An agent named {name!r} is already registered ({AGENTS[name]!r}).")
+        AGENTS[name] = builder
+        return builder
+
+    return deco
+
+
+def make_agent(name: str, **kwargs: Any) -> Agent:
+    """Build the agent registered as ``name``; an unknown name is refused with the list of valid ones."""
+    if name not in AGENTS:
+        raise ValueError(f"Unknown agent {name!r}. Valid agents: {', '.join(sorted(AGENTS))}.")
+    return AGENTS[name](**kwargs)

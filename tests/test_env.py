@@ -1,0 +1,212 @@
+"""The batched environment: episodes, autoreset, seeding, rewards, render, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import gfenv  # noqa: F401
+from gfenv.checkpoint import CheckpointError
+from gfenv.env import GlanceFocusVectorEnv
+from gfenv.rewards import REWARDS
+
+
+def make(num_envs=4, **kw):
+    return gym.make_vec("gfenv/GlanceFocus-v0", num_envs=num_envs, **kw)
+
+
+def rollout(env, actions):
+    obs, info = env.reset(seed=3)
+    out = [obs["glance"].clone()]
+    for a in actions:
+        obs, r, term, trunc, info = env.step(a)
+        out += [obs["focus"].clone(), obs["memory"].clone(), r.clone()]
+    return out
+
+
+def test_make_vec_is_batched_env_and_256_slots_step():
+    env = make(256)
+    assert isinstance(env, GlanceFocusVectorEnv)
+    obs, info = env.reset(seed=0)
+    assert obs["glance"].shape == (256, int(np.prod(env.glance_map_shape)))
+    for _ in range(env.steps - 1):
+        obs, r, term, trunc, info = env.step(torch.zeros(256, 2))
+    assert r.shape == (256,) and term.all() and not trunc.any()
+    assert (info["step"] == env.steps).all()
+
+
+def test_episode_length_infos_and_next_step_autoreset():
+    env = make(3)
+    obs, info = env.reset(seed=0)
+    assert info["step"].tolist() == [1, 1, 1] and torch.all(info["macs"] == env.glance_macs)
+    for k in range(env.steps - 1):
+        obs, r, term, trunc, info = env.step(torch.zeros(3, 2))
+        assert term.all() == (k == env.steps - 2)
+    assert set(info) >= {"prediction", "correct", "confidence", "macs"}
+    assert torch.equal(info["correct"], info["prediction"] == env.labels)
+    expected = env.glance_macs + (env.steps - 1) * env.focus_macs
+    assert torch.all(info["macs"] == expected)
+    first_labels = env.labels.clone()
+    obs, r, term, trunc, info = env.step(torch.zeros(3, 2))  # NEXT_STEP: this step resets, ignores the action
+    assert torch.all(r == 0) and not term.any() and info["step"].tolist() == [1, 1, 1]
+    assert obs["step"][:, 0].tolist() == pytest.approx([1 / env.steps] * 3)
+    assert not torch.equal(first_labels, env.labels) or True
+
+
+def test_same_seed_same_episodes_bit_for_bit():
+    actions = [torch.rand(4, 2, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(4)]
+    a = rollout(make(4), actions)
+    b = rollout(make(4), actions)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = make(4)
+    c.reset(seed=4)
+    assert not torch.equal(c.glance_map, make(4).reset(seed=3)[0]["glance"].reshape(c.glance_map.shape))
+
+
+def test_grid_mode_masks_visited_cells():
+    env = make(2, action="grid")
+    env.reset(seed=0)
+    env.step(torch.tensor([0, 48]))
+    masks = env.action_masks()
+    assert masks.shape == (2, 49) and not masks[0, 0] and not masks[1, 48] and masks[0, 48]
+
+
+def test_grid_stop_ends_episode_early_and_resets_next_step():
+    env = make(2, action="grid+stop")
+    env.reset(seed=0)
+    obs, r, term, trunc, info = env.step(torch.tensor([49, 3]))
+    assert term.tolist() == [True, False] and r[0] == 0
+    assert info["macs"][0] == env.glance_macs and info["macs"][1] == env.glance_macs + env.focus_macs
+    obs, r, term, trunc, info = env.step(torch.tensor([5, 5]))
+    assert info["step"].tolist() == [1, 3] and r[0] == 0
+
+
+def test_continuous_actions_outside_box_are_clipped():
+    a, b = make(2), make(2)
+    a.reset(seed=1)
+    b.reset(seed=1)
+    ra = a.step(torch.tensor([[5.0, -7.0], [2.0, 2.0]]))[1]
+    rb = b.step(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))[1]
+    assert torch.equal(ra, rb)
+    assert a.history[:, 0].tolist() == [[96, 0], [96, 96]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_action_is_refused(bad):
+    env = make(2)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        env.step(torch.tensor([[0.0, bad], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("bad", [49, -1])
+def test_grid_action_out_of_range_is_refused(bad):
+    env = make(2, action="grid")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="out of range"):
+        env.step(np.array([0, bad]))
+
+
+@pytest.mark.parametrize("name", sorted(REWARDS))
+def test_each_registered_reward_gives_one_finite_value_per_env(name):
+    env = make(3, reward=name)
+    env.reset(seed=0)
+    for _ in range(env.steps - 1):
+        r = env.step(torch.zeros(3, 2))[1]
+        assert r.shape == (3,) and torch.isfinite(r).all()
+
+
+def test_confidence_gain_is_change_of_true_class_probability():
+    env = make(3)
+    env.reset(seed=0)
+    before = env.probs.gather(1, env.labels[:, None]).squeeze(1)
+    r = env.step(torch.zeros(3, 2))[1]
+    after = env.probs.gather(1, env.labels[:, None]).squeeze(1)
+    assert torch.allclose(r, after - before)
+
+
+def test_plugged_in_reward_and_mac_cost():
+    def always_one(probs_before, probs_after, labels, step, macs):
+        return torch.ones(labels.shape[0])
+
+    env = make(2, reward=always_one, mac_cost=0.5)
+    env.reset(seed=0)
+    r = env.step(torch.zeros(2, 2))[1]
+    assert torch.allclose(r, torch.full((2,), 1 - 0.5 * env.focus_macs / 1e6))
+
+
+def test_reward_with_wrong_shape_or_nan_is_named():
+    def wrong_shape(probs_before, probs_after, labels, step, macs):
+        return torch.zeros(labels.shape[0], 2)
+
+    def nan_reward(probs_before, probs_after, labels, step, macs):
+        return torch.full((labels.shape[0],), float("nan"))
+
+    for fn, pattern in ((wrong_shape, "wrong_shape.*shape"), (nan_reward, "nan_reward.*NaN")):
+        env = make(2, reward=fn)
+        env.reset(seed=0)
+        with pytest.raises(ValueError, match=pattern):
+            env.step(torch.zeros(2, 2))
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="confidence_gain"):
+        make(1, reward="nope")
+    with pytest.raises(ValueError, match="glyphs"):
+        make(1, dataset="nope")
+    with pytest.raises(ValueError, match="continuous"):
+        make(1, action="nope")
+    with pytest.raises(ValueError, match="small_cnn"):
+        from gfenv.models import build_encoder
+
+        build_encoder("nope", 1)
+
+
+def test_patch_larger_than_image_is_refused():
+    with pytest.raises(ValueError, match="larger than the image"):
+        make(1, dataset_kwargs={"canvas": 24}, checkpoint="default")
+
+
+def test_checkpoint_of_other_class_count_or_backbone_is_named():
+    with pytest.raises(CheckpointError, match="num_classes=10.*100"):
+        make(1, num_classes=100)
+    with pytest.raises(CheckpointError, match="small_cnn.*resnet18"):
+        make(1, backbone="resnet18")
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(gfenv.env.DEFAULT_CHECKPOINT.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        make(1, checkpoint=str(bad))
+
+
+def test_non_default_task_without_checkpoint_says_how_to_train_one():
+    with pytest.raises(FileNotFoundError, match="train_agent.py --stage 1"):
+        make(1, dataset_kwargs={"glyph_size": 16})
+
+
+def test_labels_outside_class_range_are_refused(tensor_images):
+    source = tensor_images(torch.rand(4, 1, 128, 128), torch.tensor([0, 1, 12, 3]), 10)
+    with pytest.raises(ValueError, match="Label 12 is outside"):
+        GlanceFocusVectorEnv(num_envs=4, source=source, sampling="sequential").reset(seed=0)
+
+
+def test_nan_in_images_is_refused(tensor_images):
+    images = torch.rand(2, 1, 128, 128)
+    images[1, 0, 5, 5] = float("nan")
+    source = tensor_images(images, torch.tensor([0, 1]), 10)
+    with pytest.raises(ValueError, match="NaN"):
+        GlanceFocusVectorEnv(num_envs=2, source=source).reset(seed=0)
+
+
+def test_render_draws_numbered_patches():
+    env = make(2, render_mode="rgb_array")
+    env.reset(seed=0)
+    plain = env.render()[0].copy()
+    env.step(torch.zeros(2, 2))
+    frame = env.render()[0]
+    assert frame.shape == (128, 128, 3) and frame.dtype == np.uint8
+    assert (frame != plain).any()
