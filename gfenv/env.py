@@ -255,13 +255,13 @@ class GlanceFocusVectorEnv(VectorEnv):
     def _observation(self) -> Any:
         n = self.num_envs
         if self.observation_mode == "gfnet":
-            return self.last_map.reshape(n, -1).float()
+            return self.last_map.reshape(n, -1).float().clone()
         parts = {"glance": self.glance_map.reshape(n, -1).float(), "focus": self.last_features.float(),
                  "memory": self.memory.float(), "visited": self.visited.float(),
                  "step": (self.t.float() / self.steps)[:, None]}
         if self.observation_mode == "flat":
             return torch.cat(list(parts.values()), dim=1)
-        return parts
+        return {k: v.clone() for k, v in parts.items()}  # fresh tensors: resets overwrite the state in place
 
     def _info(self) -> dict[str, Any]:
         conf, pred = self.probs.max(1)

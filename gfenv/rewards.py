@@ -82,7 +82,9 @@ class Reward:
         self.fn, self.name, self.mac_cost = fn, name, float(mac_cost)
         params = inspect.signature(fn).parameters
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self.wants = {k for k in ("done", "probs_random") if k in params or (var_kw and fn in REWARDS.values())}
+        self.wants = {k for k in ("done", "probs_random") if k in params}
+        if var_kw:
+            self.wants.add("done")
         self.needs_random = "probs_random" in self.wants
 
     def __call__(self, probs_before: torch.Tensor, probs_after: torch.Tensor, labels: torch.Tensor,

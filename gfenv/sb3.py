@@ -1,0 +1,166 @@
+"""Stable-Baselines3 adapter: ``to_sb3`` turns a ``GlanceFocusVectorEnv`` into an SB3 ``VecEnv``.
+
+Numpy at the boundary, SB3's same-step resets with ``terminal_observation``, and ``action_masks`` for MaskablePPO.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector.vector_env import AutoresetMode
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+from gfenv.env import GlanceFocusVectorEnv
+
+INFO_KEYS = ("prediction", "confidence", "correct", "macs", "step")
+EPISODE_KEYS = ("correct", "macs")
+PER_SLOT_METHODS = ("action_masks", "cell_confidences")
+SINGLE_SPACES = {"observation_space": "single_observation_space", "action_space": "single_action_space"}
+
+
+def to_sb3(env: GlanceFocusVectorEnv | None = None, *, monitor: bool = True, **make_kwargs: Any) -> VecEnv:
+    """An SB3 ``VecEnv`` over ``env``, or over ``GlanceFocusVectorEnv(autoreset_mode=SAME_STEP, **make_kwargs)``.
+
+    SB3 expects a finished slot to be reset within the same step, so the adapter always runs the env in
+    ``AutoresetMode.SAME_STEP``. A given env in another mode is switched to SAME_STEP in place (it must be a bare
+    ``GlanceFocusVectorEnv``, not a wrapped one); its current episodes are then void, and the adapter refuses to
+    step before its ``reset()`` (which SB3's algorithms always call first).
+
+    With ``monitor=True`` (default) the adapter comes wrapped in ``VecMonitor``, so each finished episode's info
+    has ``info["episode"]`` = {"r", "l", "t", "correct", "macs"}, as ``evaluate_policy`` and SB3's logger expect;
+    ``has_attr``/``env_method`` (and so MaskablePPO's masks) pass through it.
+    """
+    if env is None:
+        mode = make_kwargs.pop("autoreset_mode", AutoresetMode.SAME_STEP)
+        if AutoresetMode(mode) != AutoresetMode.SAME_STEP:
+            raise ValueError(f"autoreset_mode={mode!r}: the SB3 adapter needs AutoresetMode.SAME_STEP.")
+        env = GlanceFocusVectorEnv(autoreset_mode=AutoresetMode.SAME_STEP, **make_kwargs)
+    elif make_kwargs:
+        raise TypeError(f"to_sb3() got an env and construction kwargs {sorted(make_kwargs)}; pass one or the other.")
+    venv = SB3VecEnv(env)
+    return VecMonitor(venv, info_keywords=EPISODE_KEYS) if monitor else venv
+
+
+class SB3VecEnv(VecEnv):
+    """``GlanceFocusVectorEnv`` seen through SB3's ``VecEnv`` API (use ``to_sb3`` to build one).
+
+    Observations, rewards and dones are numpy; ``infos[i]`` holds the slot's ``prediction``, ``confidence``,
+    ``correct``, ``macs`` and ``step`` (at an episode's end those of the finished episode, with
+    ``terminal_observation`` and ``TimeLimit.truncated``). All slots share one env object: ``get_attr`` returns its
+    attribute once per slot (``observation_space``/``action_space`` give the single-slot spaces), ``set_attr``
+    sets it for all slots at once, ``env_method`` calls the method once and hands each slot its row for
+    ``action_masks``/``cell_confidences``, its own frame for ``render``, and the same result otherwise. The slots
+    draw from one generator, so ``reset()`` seeds the env with the first of the seeds that ``seed()`` stored.
+    """
+
+    def __init__(self, env: GlanceFocusVectorEnv):
+        if not isinstance(env, GlanceFocusVectorEnv):
+            raise TypeError(f"to_sb3() needs a bare GlanceFocusVectorEnv, got {type(env).__name__}; build it with "
+                            "to_sb3(**kwargs) or pass the env without gymnasium wrappers.")
+        if env.autoreset_mode != AutoresetMode.SAME_STEP:
+            env.autoreset_mode = AutoresetMode.SAME_STEP
+            env.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
+        self.env = env
+        self._actions: Any = None
+        self._needs_reset = True
+        super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
+
+    # ------------------------------------------------------------------------------------------------ stepping
+    def reset(self) -> VecEnvObs:
+        options = self._options[0] or None
+        obs, info = self.env.reset(seed=self._seeds[0], options=options)
+        self._reset_seeds()
+        self._reset_options()
+        self.reset_infos = _split_info(info, self.num_envs)
+        self._needs_reset = False
+        return _to_numpy(obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        if self._needs_reset:
+            raise gym.error.ResetNeeded("Call reset() on the SB3 adapter before stepping it.")
+        self._actions = actions
+
+    def step_wait(self) -> VecEnvStepReturn:
+        if self._actions is None:
+            raise RuntimeError("step_wait() called without a pending step_async().")
+        actions, self._actions = self._actions, None
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        terminated, truncated = terminated.cpu().numpy(), truncated.cpu().numpy()
+        dones = terminated | truncated
+        infos = _split_info(info, self.num_envs)
+        if dones.any():
+            if "final_obs" not in info:
+                raise RuntimeError("An episode ended without final_obs: the env left AutoresetMode.SAME_STEP.")
+            final_obs = _to_numpy(info["final_obs"])
+            final_infos = _split_info(info["final_info"], self.num_envs)
+            for i in np.flatnonzero(dones):
+                infos[i] = {**final_infos[i], "terminal_observation": _row(final_obs, i),
+                            "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+        return _to_numpy(obs), reward.cpu().numpy().astype(np.float32), dones, infos
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ------------------------------------------------------------------------------------- attributes, methods
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        self._check_masks(attr_name)
+        value = getattr(self.env, SINGLE_SPACES.get(attr_name, attr_name))
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        if sorted(set(self._get_indices(indices))) != list(range(self.num_envs)):
+            raise ValueError(f"set_attr({attr_name!r}) on a subset of slots: all slots share one "
+                             "GlanceFocusVectorEnv, so an attribute can only be set for all of them.")
+        setattr(self.env, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        idx = list(self._get_indices(indices))
+        if method_name == "render":
+            return self._images(idx)
+        self._check_masks(method_name)
+        result = getattr(self.env, method_name)(*method_args, **method_kwargs)
+        if method_name in PER_SLOT_METHODS:
+            rows = _to_numpy(result)
+            return [rows[i] for i in idx]
+        return [result for _ in idx]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return self._images(range(self.num_envs))
+
+    def _images(self, indices: Sequence[int] | range) -> list[np.ndarray | None]:
+        if self.env.render_mode != "rgb_array":
+            warnings.warn("Rendering needs render_mode='rgb_array' when the env is built; returning None.",
+                          stacklevel=3)
+            return [None for _ in indices]
+        return [self.env.render_slot(i) for i in indices]
+
+    def _check_masks(self, name: str) -> None:
+        if name == "action_masks" and self.env.action_mode == "continuous":
+            raise AttributeError("action_masks exists for the grid action modes only (action='grid' or 'grid+stop').")
+
+
+def _to_numpy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_numpy(v) for k, v in x.items()}
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _row(obs: Any, i: int) -> Any:
+    return {k: v[i] for k, v in obs.items()} if isinstance(obs, dict) else obs[i]
+
+
+def _split_info(info: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The vector info's per-slot scalars (``INFO_KEYS``) as one plain dict per slot."""
+    columns = {k: info[k].cpu().numpy() for k in INFO_KEYS if k in info}
+    return [{k: v[i].item() for k, v in columns.items()} for i in range(n)]

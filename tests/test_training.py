@@ -1,0 +1,66 @@
+"""Stage 1 through the real CLI: a tiny run writes a checkpoint the env loads; resume; Ctrl-C leaves a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train_agent
+from gfenv.checkpoint import load_checkpoint, load_model
+from gfenv.env import GlanceFocusVectorEnv
+
+TINY = ["--env-kwargs", "train_size=64", "test_size=32", "--hyperparams", "eval_images=32", "log_every=1",
+        "--batch-size", "16", "--no-progress"]
+
+
+def test_stage1_cli_writes_a_checkpoint_the_env_loads(tmp_path):
+    assert train_agent.main(["--stage", "1", "--epochs", "1", "--run-dir", str(tmp_path), *TINY]) == 0
+    model, meta = load_model(tmp_path / "model.pt")
+    assert meta["stage"] == 1 and len(meta["test_accuracy_random"]) == model.config.steps
+    assert (tmp_path / "tb").is_dir()
+    env = GlanceFocusVectorEnv(num_envs=2, checkpoint=tmp_path / "model.pt",
+                               dataset_kwargs={"train_size": 64, "test_size": 32})
+    obs, info = env.reset(seed=0)
+    assert obs["focus"].shape == (2, model.feature_dim)
+
+
+def test_same_seed_same_weights_and_resume_continues(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_agent.main(["--epochs", "1", "--run-dir", str(a), *TINY])
+    train_agent.main(["--epochs", "1", "--run-dir", str(b), *TINY])
+    wa, wb = load_checkpoint(a / "model.pt")["model"], load_checkpoint(b / "model.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train_agent.main(["--epochs", "2", "--run-dir", str(a), "--resume", *TINY])
+    assert load_checkpoint(a / "last.pt")["iteration"] == 8
+    assert any(not torch.equal(wa[k], v) for k, v in load_checkpoint(a / "model.pt")["model"].items())
+
+
+def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    import gfenv.training as training
+
+    calls = {"n": 0}
+    real = training.stage1_loss
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "stage1_loss", interrupted)
+    assert train_agent.main(["--epochs", "1", "--run-dir", str(tmp_path), *TINY]) == 130
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["iteration"] == 2
+    monkeypatch.setattr(training, "stage1_loss", real)
+    train_agent.main(["--epochs", "1", "--run-dir", str(tmp_path), "--resume", *TINY])
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train_agent.main(["--run-dir", str(tmp_path / "none"), "--resume", *TINY])
+
+
+def test_unknown_hyperparameter_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="learning_rat"):
+        train_agent.main(["--run-dir", str(tmp_path), "--hyperparams", "learning_rat=1", *TINY])
