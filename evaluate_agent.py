@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=1000, help="test images per agent (the first N, in order)")
     p.add_argument("--seed", type=int, default=0, help="seeds the env reset and the agents")
     p.add_argument("--num-envs", type=int, default=250, help="images evaluated in parallel")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of the env and the agents (cpu, cuda, cuda:1)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -5,7 +5,9 @@ One registry (``AGENTS``, ``register_agent``, ``make_agent``) holds the fixed ba
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -25,7 +27,7 @@ class Agent:
     name: str = "agent"
     supported_actions: frozenset[str] = frozenset(ACTION_MODES)
     macs_per_step: int = 0
-    env_kwargs: dict[str, Any] = {}
+    env_kwargs: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, seed: int | None = None):
         self.seed = seed

@@ -21,7 +21,7 @@ def decision_index(env: GlanceFocusVectorEnv) -> torch.Tensor:
     return (env.t - 1).clamp(0, env.steps - 2)
 
 
-def cell_locations(cells: torch.Tensor, env: GlanceFocusVectorEnv) -> torch.Tensor:
+def patch_locations(cells: torch.Tensor, env: GlanceFocusVectorEnv) -> torch.Tensor:
     """(..., 2) locations in [0, 1]^2 whose patch is exactly grid cell ``cells`` under GFNet's floor mapping.
 
     The half-pixel offset keeps floor(loc * (H - P)) on the cell's corner despite float rounding.
@@ -39,7 +39,7 @@ def to_continuous(locations: torch.Tensor) -> torch.Tensor:
 def cells_to_actions(cells: torch.Tensor, env: GlanceFocusVectorEnv) -> torch.Tensor:
     """Cell indices as the env's actions: the indices themselves, or their locations in continuous mode."""
     if env.action_mode == "continuous":
-        return to_continuous(cell_locations(cells, env))
+        return to_continuous(patch_locations(cells, env))
     return cells.long()
 
 
@@ -78,10 +78,12 @@ class RandomAgent(Agent):
     def __init__(self, seed: int | None = None):
         super().__init__(seed)
         self._gen: torch.Generator | None = None
+        self._gen_device: torch.device | None = None
 
     def generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device)
+        """The agent's random stream on ``device``, seeded by ``seed`` when first used there."""
+        if self._gen is None or self._gen_device != device:
+            self._gen, self._gen_device = torch.Generator(device=device), device
             if self.seed is None:
                 self._gen.seed()
             else:
@@ -113,7 +115,7 @@ class CenterAgent(SequenceAgent):
             return order
         rest = order[len(set(fixed)):]
         exact = torch.tensor(CENTER_THEN_CORNERS, dtype=torch.float32, device=env.device)
-        return to_continuous(torch.cat([exact, cell_locations(rest, env)]))
+        return to_continuous(torch.cat([exact, patch_locations(rest, env)]))
 
 
 @register_agent("raster")

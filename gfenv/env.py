@@ -267,7 +267,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         conf, pred = self.probs.max(1)
         ones = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         info = {"prediction": pred, "confidence": conf, "correct": pred == self.labels, "macs": self.cum_macs.clone(),
-                "step": self.t.clone()}
+                "step": self.t.clone(), "true_confidence": self.probs.gather(1, self.labels[:, None]).squeeze(1)}
         info.update({f"_{k}": ones for k in list(info)})
         return info
 
@@ -320,6 +320,8 @@ class GlanceFocusVectorEnv(VectorEnv):
         if self._needs_reset is True and self._t_host == 0:
             raise gym.error.ResetNeeded("Call reset() before step().")
         n, dev = self.num_envs, self.device
+        if self.autoreset_mode == AutoresetMode.DISABLED and self._lockstep and self._t_host >= self.steps:
+            raise gym.error.ResetNeeded("The episodes have ended (autoreset disabled); call reset().")
         if self.autoreset_mode == AutoresetMode.NEXT_STEP and self._lockstep and self._t_host >= self.steps:
             self._reset_slots(None)
             self._t_host = 1
@@ -341,9 +343,15 @@ class GlanceFocusVectorEnv(VectorEnv):
         if reset_now is not None:
             moving = moving & ~reset_now
             stop = stop & ~reset_now
+        if not self._lockstep:
+            finished = self.done if reset_now is None else self.done & ~reset_now
+            moving = moving & ~finished  # a finished slot that was not reset stays as it is
+            stop = stop & ~finished
         step_macs = torch.where(moving, float(self.focus_macs), 0.0)
         new_t = self.t + moving.long()
         done = (new_t >= self.steps) | (stop if stop is not None else False)
+        if not self._lockstep:
+            done = done | self.done
         probs_random = self._random_glimpse_probs() if self.reward_fn.needs_random else None
         probs_after = torch.where(moving[:, None], probs, self.probs)
         reward = self.reward_fn(self.probs, probs_after, self.labels, new_t - 1, step_macs, done, probs_random)

@@ -6,7 +6,8 @@ Agents are duck-typed (``AgentLike``), so gfenv needs nothing from the ``agents`
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from gymnasium.vector.vector_env import AutoresetMode
@@ -41,12 +42,12 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
-    fixed = sorted(set(FIXED_ENV_KWARGS) & set(env_kwargs))
-    if fixed:
-        raise ValueError(f"evaluate sets {', '.join(fixed)} itself (test split, sequential images); "
-                         f"drop them from env_kwargs.")
     plans = {label: {**env_kwargs, **getattr(agent, "env_kwargs", {})} for label, agent in agents.items()}
     for label, agent in agents.items():
+        fixed = sorted(set(FIXED_ENV_KWARGS) & set(plans[label]))
+        if fixed:
+            raise ValueError(f"evaluate sets {', '.join(fixed)} itself (test split, sequential images); "
+                             f"drop them from the env kwargs.")
         _check_action_mode(label, agent, plans[label].get("action", DEFAULT_ACTION))
     envs: dict[str, GlanceFocusVectorEnv] = {}
     results = {}
@@ -71,7 +72,11 @@ def _check_action_mode(label: str, agent: AgentLike, action: str) -> None:
 @torch.no_grad()
 def run_episodes(agent: AgentLike, env: GlanceFocusVectorEnv, episodes: int, seed: int,
                  on_batch: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """``evaluate`` for one agent on a built env (test split, sequential sampling, autoreset disabled)."""
+    """``evaluate`` for one agent on a built env (test split, sequential sampling, autoreset disabled).
+
+    Every batch runs T - 1 steps; a slot that stopped early is sent the stop action from then on, so it keeps its
+    final prediction and MACs, and no autoreset draws images out of turn.
+    """
     steps, n = env.steps, env.num_envs
     policy_macs = float(getattr(agent, "macs_per_step", 0) or 0)
     stop = env.grid * env.grid if env.action_mode == "grid+stop" else None
@@ -122,12 +127,12 @@ def format_table(results: dict[str, dict]) -> str:
         return [format(v, fmt) for v in values] + [""] * (steps - len(values))
 
     header = ["accuracy (%)"] + [f"t={t}" for t in range(1, steps + 1)]
-    acc_rows = [[label] + cells(r["accuracy"], ".2f") for label, r in results.items()]
+    acc_rows = [[label, *cells(r["accuracy"], ".2f")] for label, r in results.items()]
     macs = {label: [m / 1e6 for m in r["macs"]] for label, r in results.items()}
     if len({tuple(m) for m in macs.values()}) == 1:
-        mac_rows = [["MACs (M)"] + cells(next(iter(macs.values())), ".2f")]
+        mac_rows = [["MACs (M)", *cells(next(iter(macs.values())), ".2f")]]
     else:
-        mac_rows = [[f"MACs (M) {label}"] + cells(m, ".2f") for label, m in macs.items()]
+        mac_rows = [[f"MACs (M) {label}", *cells(m, ".2f")] for label, m in macs.items()]
     table = [header, *acc_rows, *mac_rows]
     widths = [max(len(row[c]) for row in table) for c in range(steps + 1)]
 
@@ -136,5 +141,5 @@ def format_table(results: dict[str, dict]) -> str:
 
     rule = "-" * len(line(header))
     episodes = next(iter(results.values())).get("episodes", "?")
-    title = f"{episodes} test images; t = glimpses taken (t=1: the glance)"
+    title = f"{episodes} test images; column t: after step t of the episode (t=1: the glance alone)"
     return "\n".join([title, line(header), rule, *map(line, acc_rows), rule, *map(line, mac_rows)])

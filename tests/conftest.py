@@ -28,7 +28,3 @@ def tensor_images():
     return TensorImages
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    torch.set_num_threads(2)
-    yield
