@@ -48,11 +48,13 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="1", choices=["1"], help="GFNet stage to run (stages 2 and 3: see the agents issue)")
+    p.add_argument("--stage", default="1", choices=["1"],
+                   help="GFNet stage to run (stages 2 and 3: see the agents issue)")
     p.add_argument("--env", default="gfenv/GlanceFocus-v0", help="environment id (names the default task)")
     p.add_argument("--env-kwargs", nargs="*", action="extend", default=[], metavar="K=V",
                    help="task: dataset=glyphs|mnist|cifar10|..., data_root=PATH, patch_size=, steps=, backbone=, ...")
-    p.add_argument("--hyperparams", nargs="*", action="extend", default=[], metavar="K=V", help="Stage1Config fields to override")
+    p.add_argument("--hyperparams", nargs="*", action="extend", default=[], metavar="K=V",
+                   help="Stage1Config fields to override")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--accum-steps", type=int, default=None, help="micro-batches per optimiser step (less memory)")

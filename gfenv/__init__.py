@@ -11,7 +11,7 @@ import gymnasium
 from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
 from gfenv.rewards import REWARDS, register_reward
 
-__all__ = ["GlanceFocusEnv", "GlanceFocusVectorEnv", "REWARDS", "register_reward"]
+__all__ = ["REWARDS", "GlanceFocusEnv", "GlanceFocusVectorEnv", "register_reward"]
 __version__ = "0.1.0"
 
 ENV_ID = "gfenv/GlanceFocus-v0"

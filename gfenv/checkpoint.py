@@ -1,6 +1,7 @@
 """Checkpoints: atomic saves, safe (``weights_only``) loads with clear errors, and the standard model file format.
 
-A model checkpoint is ``{"format": "gfenv-model-v1", "config": ModelConfig.to_dict(), "model": state_dict, "meta": {}}``.
+A model checkpoint is ``{"format": "gfenv-model-v1", "config": ModelConfig.to_dict(), "model": state_dict,
+"meta": {}}``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; a missing file raises FileNotFoundError, a bad one CheckpointError."""
+    """Load a checkpoint with ``weights_only=True``; a missing file raises FileNotFoundError, a bad one
+    CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")

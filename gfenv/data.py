@@ -8,11 +8,11 @@ Real datasets (torchvision, ImageFolder) and the cluttered canvas live in ``gfen
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-DATASETS: dict[str, Callable[..., "ImageSource"]] = {}
+DATASETS: dict[str, Callable[..., ImageSource]] = {}
 SPLITS = ("train", "test")
 
 
@@ -38,7 +38,8 @@ class ImageSource:
         raise NotImplementedError
 
 
-def make_source(dataset: str = "glyphs", split: str = "train", device: str | torch.device = "cpu", **kwargs) -> ImageSource:
+def make_source(dataset: str = "glyphs", split: str = "train", device: str | torch.device = "cpu",
+                **kwargs) -> ImageSource:
     """Build an image source by dataset name (see ``DATASETS``)."""
     from gfenv import datasets  # noqa: F401  (registers torchvision-backed datasets)
 
@@ -131,10 +132,11 @@ class GlyphSource(ImageSource):
     num_classes = 10
 
     def __init__(self, split: str = "train", device: torch.device | str = "cpu", canvas: int = 128,
-                 glyph_size: int = 20, fragments: int = 8, fragment_size: int = 8, noise: float = 0.1,
+                 glyph_size: int = 16, fragments: int = 8, fragment_size: int = 8, noise: float = 0.1,
                  train_size: int = 50_000, test_size: int = 10_000, seed: int = 0):
         if glyph_size > canvas or fragment_size > glyph_size:
-            raise ValueError(f"Need fragment_size <= glyph_size <= canvas, got {fragment_size}, {glyph_size}, {canvas}.")
+            raise ValueError(f"Need fragment_size <= glyph_size <= canvas, got {fragment_size}, {glyph_size}, "
+                             f"{canvas}.")
         self.device = torch.device(device)
         self.split = split
         self.canvas = canvas

@@ -248,7 +248,8 @@ class ImageFolderSource(ImageSource):
                     self.classes, class_to_idx = find_classes(folder)
                 elif not subdirs <= class_to_idx.keys():
                     extra = ", ".join(sorted(subdirs - class_to_idx.keys())[:5])
-                    notes.append(f" {folder} was skipped: its folders {extra} are not classes of {self.root / 'train'}.")
+                    notes.append(f" {folder} was skipped: its folders {extra} are not classes of "
+                                 f"{self.root / 'train'}.")
                     continue
                 samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
                 if samples:

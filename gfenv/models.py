@@ -7,8 +7,8 @@ over per-step features with a linear head, or the cascaded variant (one linear h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -125,8 +125,9 @@ class GFNetModel(nn.Module):
         if config.classifier not in CLASSIFIERS:
             raise ValueError(f"Unknown classifier {config.classifier!r}; choose one of {sorted(CLASSIFIERS)}.")
         self.config = config
-        self.glance_encoder = build_encoder(config.backbone, config.in_channels, glance_weights, **config.backbone_kwargs)
-        self.focus_encoder = build_encoder(config.backbone, config.in_channels, focus_weights, **config.backbone_kwargs)
+        kw = config.backbone_kwargs
+        self.glance_encoder = build_encoder(config.backbone, config.in_channels, glance_weights, **kw)
+        self.focus_encoder = build_encoder(config.backbone, config.in_channels, focus_weights, **kw)
         d = self.focus_encoder.feature_dim
         self.feature_dim = d
         self.glance_head = nn.Linear(d, config.num_classes)

@@ -10,7 +10,7 @@ random patch would have given (computed only for rewards that ask for it).
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,7 +41,8 @@ def confidence_gain(probs_before, probs_after, labels, step, macs, **_):
 @register_reward("log_confidence_gain")
 def log_confidence_gain(probs_before, probs_after, labels, step, macs, **_):
     """log p_t(y) - log p_{t-1}(y), floored at 1e-8."""
-    return torch.log(_true(probs_after, labels).clamp_min(1e-8)) - torch.log(_true(probs_before, labels).clamp_min(1e-8))
+    after, before = _true(probs_after, labels), _true(probs_before, labels)
+    return torch.log(after.clamp_min(1e-8)) - torch.log(before.clamp_min(1e-8))
 
 
 @register_reward("final_correct")

@@ -183,7 +183,7 @@ def test_tiny_imagenet_val_layout(tmp_path: Path) -> None:
     (tmp_path / "val" / "images").mkdir(parents=True)
     (tmp_path / "test" / "images").mkdir(parents=True)  # unlabelled: must not be taken as the test split
     Image.new("RGB", (8, 8)).save(tmp_path / "test" / "images" / "test_0.png")
-    for k, cls in enumerate(("n02", "n01", "n02")):
+    for k, _cls in enumerate(("n02", "n01", "n02")):
         Image.new("RGB", (8, 8)).save(tmp_path / "val" / "images" / f"val_{k}.png")
     (tmp_path / "val" / "val_annotations.txt").write_text("val_0.png\tn02\t0\t0\t8\t8\nval_1.png\tn01\t0\t0\t8\t8\n"
                                                           "val_2.png\tn02\t0\t0\t8\t8\n")

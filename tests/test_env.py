@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import gfenv  # noqa: F401
+import gfenv
 from gfenv.checkpoint import CheckpointError
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.rewards import REWARDS
