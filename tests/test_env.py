@@ -185,7 +185,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
 
 def test_non_default_task_without_checkpoint_says_how_to_train_one():
     with pytest.raises(FileNotFoundError, match="train_agent.py --stage 1"):
-        make(1, dataset_kwargs={"glyph_size": 16})
+        make(1, dataset_kwargs={"glyph_size": 12})
 
 
 def test_labels_outside_class_range_are_refused(tensor_images):
