@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(results))
+    parts = next(iter(results.values()))["macs_parts"]
+    print("MACs per image of one call: " + ", ".join(f"{k.replace('_', ' ')} {v / 1e6:.3f} M" for k, v in parts.items()
+                                                      if k != "policy"))
     if args.json:
         report = {"env": args.env, "env_kwargs": env_kwargs, "episodes": args.episodes, "seed": args.seed,
                   "agents": results}

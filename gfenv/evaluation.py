@@ -38,7 +38,8 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
     classifier plus the agent's ``macs_per_step`` per decision made), ``confidence`` (mean max softmax
     probability), ``true_class_confidence`` (mean softmax probability of the true class) and ``glimpses`` (mean
     glimpses taken, below t only for agents that stop early); plus ``episodes``, ``steps`` (T), ``action`` (the
-    env's action mode) and ``policy_macs_per_step``.
+    env's action mode), ``policy_macs_per_step`` and ``macs_parts`` (multiply-adds per image of one call of each part:
+    glance encoder, focus encoder, classifier step, policy).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
@@ -107,7 +108,9 @@ def run_episodes(agent: AgentLike, env: GlanceFocusVectorEnv, episodes: int, see
     mean = (totals / episodes).cpu()
     return {"accuracy": (100.0 * mean[:, 0]).tolist(), "macs": mean[:, 1].tolist(), "confidence": mean[:, 2].tolist(),
             "true_class_confidence": mean[:, 3].tolist(), "glimpses": mean[:, 4].tolist(), "episodes": episodes,
-            "steps": steps, "action": env.action_mode, "policy_macs_per_step": int(policy_macs)}
+            "steps": steps, "action": env.action_mode, "policy_macs_per_step": int(policy_macs),
+            "macs_parts": {"glance_encoder": env.macs["glance_encoder"], "focus_encoder": env.macs["focus_encoder"],
+                           "classifier": env.macs["classifier"], "policy": int(policy_macs)}}
 
 
 def _measure(env: GlanceFocusVectorEnv, info: dict[str, torch.Tensor], policy_macs: torch.Tensor) -> torch.Tensor:
