@@ -362,9 +362,10 @@ class GlanceFocusVectorEnv(VectorEnv):
         self.probs = probs_after
         self.last_features = torch.where(m, feats, self.last_features)
         self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
-        self.visited[torch.arange(n, device=dev), cell] |= moving
+        rows = torch.arange(n, device=dev)
+        self.visited[rows, cell] |= moving
         slot = (self.t - 1).clamp(0, self.steps - 2)
-        self.history[torch.arange(n, device=dev), slot] = torch.where(m, corners, self.history[torch.arange(n), slot])
+        self.history[rows, slot] = torch.where(m, corners, self.history[rows, slot])
         self.t = new_t
         self.cum_macs = self.cum_macs + step_macs.double()
         self.done = done

@@ -210,3 +210,28 @@ def test_render_draws_numbered_patches():
     frame = env.render()[0]
     assert frame.shape == (128, 128, 3) and frame.dtype == np.uint8
     assert (frame != plain).any()
+
+
+def test_cascaded_classifier_runs_and_refuses_more_steps_than_heads():
+    from gfenv.models import GFNetModel, ModelConfig
+
+    model = GFNetModel(ModelConfig(classifier="cascaded", steps=3))
+    env = GlanceFocusVectorEnv(num_envs=2, model=model, steps=3)
+    obs, _ = env.reset(seed=0)
+    assert obs["memory"].shape == (2, 3 * model.feature_dim)
+    for _ in range(2):
+        obs, r, term, _, _ = env.step(torch.zeros(2, 2))
+    assert term.all() and torch.isfinite(r).all()
+    with pytest.raises(ValueError, match="cascaded classifier has 3 heads"):
+        GlanceFocusVectorEnv(num_envs=2, model=model, steps=4)
+
+
+def test_single_env_matches_a_slot_of_the_vector_env():
+    single = gym.make("gfenv/GlanceFocus-v0")
+    vec = make(1)
+    obs_s, _ = single.reset(seed=5)
+    obs_v, _ = vec.reset(seed=5)
+    assert np.array_equal(obs_s["glance"], obs_v["glance"][0].numpy())
+    r_s = single.step(np.array([0.2, -0.4], dtype=np.float32))[1]
+    r_v = vec.step(torch.tensor([[0.2, -0.4]]))[1]
+    assert r_s == pytest.approx(float(r_v[0]))

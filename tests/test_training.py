@@ -64,3 +64,13 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 def test_unknown_hyperparameter_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="learning_rat"):
         train_agent.main(["--run-dir", str(tmp_path), "--hyperparams", "learning_rat=1", *TINY])
+
+
+def test_low_memory_options_train_on_cpu(tmp_path):
+    args = ["--epochs", "1", "--run-dir", str(tmp_path), "--grad-checkpointing", "--accum-steps", "2", *TINY]
+    assert train_agent.main(args) == 0
+    cfg = load_checkpoint(tmp_path / "last.pt")["stage1"]
+    assert cfg["grad_checkpointing"] and cfg["accum_steps"] == 2
+    low = train_agent.build_parser().parse_args(["--low-memory"])
+    c = train_agent.stage1_config(low)
+    assert c.grad_checkpointing and c.accum_steps == 4 and c.amp == "bf16"
