@@ -18,23 +18,6 @@ BASELINES = ("random", "center", "raster", "oracle")
 N = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches on shared cores: a second intra-op thread only waits for a busy core (often 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def envs() -> dict[str, GlanceFocusVectorEnv]:
     return {mode: GlanceFocusVectorEnv(num_envs=N, split="test", sampling="sequential", action=mode)

@@ -17,14 +17,6 @@ import gfenv
 from gfenv import GlanceFocusVectorEnv
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _no_warnings(check, *args, **kwargs) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -18,23 +18,6 @@ from gfenv.evaluation import evaluate, format_table
 ARGS = ["--agents", "random,center,oracle", "--episodes", "20", "--num-envs", "8", "--seed", "3", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches on shared cores: a second intra-op thread only waits for a busy core (often 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[dict, str]:
     path = tmp_path_factory.mktemp("eval") / "baselines.json"

@@ -19,7 +19,8 @@ def test_shipped_checkpoint_is_a_trained_stage1_model():
 def test_default_task_properties_on_the_first_500_test_images():
     agents = {name: make_agent(name, seed=0) for name in ("random", "oracle")}
     res = evaluate(agents, {}, episodes=EPISODES, seed=0, num_envs=250, progress=False)
-    glance, random5, oracle5 = res["oracle"]["accuracy"][0], res["random"]["accuracy"][-1], res["oracle"]["accuracy"][-1]
+    glance, oracle5 = res["oracle"]["accuracy"][0], res["oracle"]["accuracy"][-1]
+    random5 = res["random"]["accuracy"][-1]
     assert 25.0 <= glance <= 70.0, glance
     assert oracle5 >= 95.0, oracle5
     assert random5 <= oracle5 - 25.0, (random5, oracle5)
