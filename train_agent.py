@@ -3,6 +3,11 @@
 Stage 1 (warm-up): encoders and classifier on uniformly random focus patches, e.g.
     python train_agent.py --stage 1 --env-kwargs dataset=glyphs --run-dir runs/stage1/glyphs
 The checkpoint it writes (``<run-dir>/model.pt``) is what the environment loads (``checkpoint=...``).
+
+Stage 2 (policy learning): a learned agent on the frozen stage-1 features, e.g.
+    python train_agent.py --stage 2 --agent maskable_ppo --timesteps 200000
+writes runs/<agent>/GlanceFocus-v0_<n>/ (config.yml, tb/, evaluations.jsonl, best_model, model, last, checkpoints/);
+hyperparameters from hyperparams/<agent>.yml, overridable with --hyperparams k=v.
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import gymnasium
+
+from agents.learned import learned_agent_names
+from agents.training import PolicyTrainingConfig, choose_run_dir, train_policy
+from gfenv import ENV_ID
 from gfenv.training import Stage1Config, train_stage1
 from gfenv.utils import parse_kv
 
@@ -48,13 +58,21 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="1", choices=["1"],
-                   help="GFNet stage to run (stages 2 and 3: see the agents issue)")
-    p.add_argument("--env", default="gfenv/GlanceFocus-v0", help="environment id (names the default task)")
+    p.add_argument("--stage", default="1", choices=["1", "2", "3", "all"],
+                   help="1: encoders + classifier (warm-up); 2: the policy (an agent); 3: fine-tuning")
+    p.add_argument("--env", default=ENV_ID, help="environment id (names the default task)")
     p.add_argument("--env-kwargs", nargs="*", action="extend", default=[], metavar="K=V",
-                   help="task: dataset=glyphs|mnist|cifar10|..., data_root=PATH, patch_size=, steps=, backbone=, ...")
+                   help="task: dataset=glyphs|mnist|cifar10|..., data_root=PATH, patch_size=, steps=, backbone=, ...; "
+                        "stage 2 also action=, observation=, reward=, checkpoint=PATH")
     p.add_argument("--hyperparams", nargs="*", action="extend", default=[], metavar="K=V",
-                   help="Stage1Config fields to override")
+                   help="stage 1: Stage1Config fields; stage 2: the agent's (over hyperparams/<agent>.yml)")
+    p.add_argument("--agent", default=None, help="stage 2: learned agent to train (default ppo)")
+    p.add_argument("--timesteps", type=int, default=None, help="stage 2: total timesteps (default: the yml's)")
+    p.add_argument("--num-envs", type=int, default=None, help="stage 2: parallel env slots (default: the yml's)")
+    p.add_argument("--eval-freq", type=int, default=10_000,
+                   help="stage 2: evaluate on the test split every N timesteps (0: at the end only, -1: never)")
+    p.add_argument("--eval-episodes", type=int, default=500, help="stage 2: test images per evaluation")
+    p.add_argument("--checkpoint-freq", type=int, default=50_000, help="stage 2: checkpoint every N timesteps")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--accum-steps", type=int, default=None, help="micro-batches per optimiser step (less memory)")
@@ -65,14 +83,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest memory footprint: bf16 autocast + activation checkpointing + 4 micro-batches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--run-dir", default=None, help="output folder (default runs/stage1/<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
+    p.add_argument("--run-dir", default=None,
+                   help="output folder (default stage 1: runs/stage1/<dataset>; stage 2: runs/<agent>/<env>_<n>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <run-dir>/last.* (stage 2 without --run-dir: the agent's latest run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def stage2(args: argparse.Namespace) -> int:
+    """Stage 2 through ``agents.training.train_policy``; user errors print and return 2, Ctrl-C returns 130."""
+    cfg = PolicyTrainingConfig(agent=args.agent, env_id=args.env, env_kwargs=parse_kv(args.env_kwargs),
+                               hyperparams=parse_kv(args.hyperparams), timesteps=args.timesteps,
+                               num_envs=args.num_envs, seed=args.seed, device=args.device, eval_freq=args.eval_freq,
+                               eval_episodes=args.eval_episodes, checkpoint_freq=args.checkpoint_freq,
+                               progress=not args.no_progress)
+    try:
+        run_dir = choose_run_dir(cfg, args.run_dir, args.resume)
+        train_policy(cfg, run_dir, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.env not in gymnasium.registry:
+        parser.error(f"Unknown env id {args.env!r}. Registered gfenv ids: "
+                     f"{', '.join(sorted(e for e in gymnasium.registry if e.startswith('gfenv/')))}.")
+    if args.stage in ("3", "all"):
+        print("error: --stage 3 (and all) is not implemented yet: see gfenv/stage3.py.", file=sys.stderr)
+        return 2
+    if args.agent is not None and args.stage != "2":
+        parser.error(f"--agent trains a policy in stage 2; add --stage 2 (learned agents: "
+                     f"{', '.join(learned_agent_names())}).")
+    if args.stage == "2":
+        return stage2(args)
     cfg = stage1_config(args)
     run_dir = Path(args.run_dir or f"runs/stage1/{cfg.dataset}")
     try:

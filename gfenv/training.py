@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from gfenv.checkpoint import load_checkpoint, save_checkpoint
 from gfenv.data import ImageSource, make_source
-from gfenv.glimpse import check_patch_size, focus, glance
+from gfenv.glimpse import check_patch_size, crop, glance, location_to_corner
 from gfenv.models import GFNetModel, ModelConfig
 
 
@@ -114,25 +114,43 @@ def _encode(encoder: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.
 def stage1_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
                 dsn_ratio: float = 1.0, grad_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GFNet's warm-up loss on uniformly random focus locations; returns (loss, per-step accuracy counts (T,))."""
+    b, t_steps, p = images.shape[0], model.config.steps, model.config.patch_size
+    loc = torch.rand(b * (t_steps - 1), 2, generator=generator, device=images.device)
+    corners = location_to_corner(loc, images.shape[-2], images.shape[-1], p).reshape(b, t_steps - 1, 2)
+    return glimpse_loss(model, images, labels, corners, dsn_ratio, grad_checkpointing)
+
+
+def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor,
+                 dsn_ratio: float = 1.0, grad_checkpointing: bool = False,
+                 taken: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GFNet's loss on the glance and the focus patches with top-left ``corners`` (B, T-1, 2), in order.
+
+    Stage 1 draws the corners at random, stage 3 takes the policy's. ``taken`` (B, T-1) bool leaves out the patches
+    an episode never took (after an early stop); the loss is the mean over the glimpses taken. Returns (loss,
+    per-step correct counts (T,)).
+    """
     cfg = model.config
-    b, t_steps, p = images.shape[0], cfg.steps, cfg.patch_size
+    b, n_focus, p = images.shape[0], corners.shape[1], cfg.patch_size
     g = glance(images, p, cfg.glance_mode)
     feats = [_encode(model.glance_encoder, g, grad_checkpointing)]  # (B, D)
-    if t_steps > 1:
-        loc = torch.rand(b * (t_steps - 1), 2, generator=generator, device=images.device)
-        rep = images.repeat_interleave(t_steps - 1, dim=0) if b > 0 else images
-        patches = focus(rep, loc, p)  # (B*(T-1), C, P, P)
-        f = _encode(model.focus_encoder, patches, grad_checkpointing).reshape(b, t_steps - 1, -1)
+    if n_focus > 0:
+        rep = images.repeat_interleave(n_focus, dim=0) if b > 0 else images
+        patches = crop(rep, corners.reshape(-1, 2), p)  # (B*(T-1), C, P, P)
+        f = _encode(model.focus_encoder, patches, grad_checkpointing).reshape(b, n_focus, -1)
         feats += list(f.unbind(1))
+    weight = torch.ones(b, n_focus + 1, device=images.device)  # (B, T)
+    if taken is not None:
+        weight[:, 1:] = taken.float()
     state = model.classifier.init_state(b, device=images.device, dtype=feats[0].dtype)
     loss = images.new_zeros(())
     correct = []
     for t, ft in enumerate(feats):
         logits, state = model.classifier.step(ft, state, t)
-        loss = loss + F.cross_entropy(logits.float(), labels)
-        loss = loss + dsn_ratio * F.cross_entropy(model.head(t)(ft).float(), labels)
-        correct.append((logits.argmax(1) == labels).sum())
-    return loss / t_steps, torch.stack(correct)
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        ce = ce + dsn_ratio * F.cross_entropy(model.head(t)(ft).float(), labels, reduction="none")  # (B,)
+        loss = loss + (ce * weight[:, t]).sum()
+        correct.append(((logits.argmax(1) == labels) & (weight[:, t] > 0)).sum())
+    return loss / weight.sum().clamp(min=1.0), torch.stack(correct)
 
 
 def _param_groups(model: GFNetModel, cfg: Stage1Config) -> list[dict]:

@@ -1,0 +1,367 @@
+"""GFNet's stage 3: fine-tune the classifier (and, by option, the encoders) on the patches a policy picks.
+
+``Stage3Wrapper`` sits around a ``GlanceFocusVectorEnv`` under any agent; ``finetune`` runs a fixed agent on the train
+split and saves the result as a model checkpoint that the env loads with ``checkpoint=PATH``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import torch
+from gymnasium.vector import VectorWrapper
+from gymnasium.vector.vector_env import AutoresetMode
+from torch import nn
+
+from gfenv.checkpoint import save_model
+from gfenv.env import GlanceFocusVectorEnv
+from gfenv.evaluation import AgentLike
+from gfenv.training import autocast_dtype, glimpse_loss
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.vec_env import VecEnv
+
+MODES = ("frozen", "joint")
+FIXED_ENV_KWARGS = ("split", "num_envs", "device", "seed", "autoreset_mode")
+
+
+@dataclass
+class Stage3Config:
+    """Stage-3 settings. Defaults follow GFNet (SGD Nesterov, classifier LR 0.01, weight decay 1e-4)."""
+
+    mode: str = "frozen"
+    """``frozen`` (GFNet): the policy is fixed and its actions sampled, only the wrapper learns (``finetune`` runs
+    this). ``joint``: the policy keeps learning on the wrapped env (e.g. SB3 ``learn`` on ``to_sb3(wrapper)``), so
+    its rewards come from the improving classifier. The wrapper behaves the same in both; the mode is recorded in
+    the checkpoint."""
+    train_classifier: bool = True
+    """Fine-tune the classifier f_C."""
+    train_focus: bool = False
+    """Also fine-tune the focus encoder f_L and its deep-supervision head."""
+    train_glance: bool = False
+    """Also fine-tune the glance encoder f_G and its deep-supervision head."""
+    classifier_lr: float = 0.01
+    """Learning rate of the classifier (GFNet's stage 3: 0.01)."""
+    encoder_lr: float = 0.001
+    """Learning rate of the encoders and their heads, when trained."""
+    optimizer: str = "sgd"
+    """``sgd`` (momentum 0.9, Nesterov) or ``adamw``."""
+    weight_decay: float = 1e-4
+    """Weight decay of every trained parameter."""
+    update_every: int = 256
+    """Finished episodes (images with their patch corners) collected before each update."""
+    batch_size: int = 64
+    """Images per gradient step; an update makes ``epochs`` passes over the episodes collected."""
+    epochs: int = 1
+    """Passes over each batch of collected episodes."""
+    dsn_ratio: float = 1.0
+    """Weight of each encoder's own linear-head loss (GFNet: 1 for ResNet/DenseNet/RegNet, 5 for MobileNet/EffNet)."""
+    bn_batch_stats: bool = False
+    """Train the BatchNorm layers of the trained encoders on batch statistics and update their running averages
+    (as GFNet does). Default False: BatchNorm stays in eval mode, so training normalises with the running statistics
+    the env uses and small batches of policy-picked patches cannot make them drift; BN's affine weights still
+    learn."""
+    amp: str = "auto"
+    """Autocast dtype: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` or ``none``."""
+    seed: int = 0
+    """Seeds the order in which collected episodes are batched."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown stage-3 mode {self.mode!r}; choose one of {MODES}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
+        if not (self.train_classifier or self.train_focus or self.train_glance):
+            raise ValueError("Stage 3 has nothing to train: set train_classifier, train_focus or train_glance.")
+        if self.update_every < 1 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("update_every, batch_size and epochs must be at least 1.")
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], Stage3Config], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, weight_decay=cfg.weight_decay),
+}
+
+
+class Stage3Wrapper(VectorWrapper):
+    """Fine-tunes a copy of ``env.model`` on the glimpses the policy takes, while the episodes run.
+
+    Observations, actions, rewards and infos pass through unchanged, so any agent that drives the torch env
+    (``agent.act(obs, wrapper)``; attributes such as ``t``, ``visited`` or ``action_masks`` are forwarded) or SB3
+    (through ``to_sb3(wrapper)`` below) runs on it. When an episode ends the wrapper keeps its image, label and
+    focus-patch corners (``env.history``). Once ``update_every`` episodes are kept it trains ``trainable_model``, a
+    copy of the env's model, with GFNet's stage-3 loss (``gfenv.training.glimpse_loss`` at the policy's corners) and
+    copies the weights into ``env.model`` (which stays in eval mode, without gradients). ``wrapper.model`` is the
+    env's model, as for the bare env.
+
+    The copy happens only when no episode is in progress, so every observation and reward of an episode comes from
+    one set of weights: in lockstep episodes (``continuous`` and ``grid`` actions) right after the step that ends
+    them, before the step (NEXT_STEP) or the ``reset()`` (DISABLED) that starts the next. For SAME_STEP, which SB3
+    needs, the wrapper runs the env with autoreset disabled and resets it itself after the copy, so the new
+    episodes' glances already use the new weights. Episodes out of lockstep (``grid+stop``) have no such boundary
+    under autoreset, so that action mode needs ``autoreset_mode=DISABLED``; the copy then happens once every slot
+    has finished (or at ``reset()``).
+
+    Memory: the kept episodes hold their images on the env's device until the update (``update_every`` x C x H x W
+    floats).
+    """
+
+    def __init__(self, env: GlanceFocusVectorEnv, config: Stage3Config | None = None):
+        super().__init__(env)
+        base = env.unwrapped
+        if not isinstance(base, GlanceFocusVectorEnv):
+            raise TypeError(f"Stage3Wrapper needs a GlanceFocusVectorEnv, got {type(base).__name__}.")
+        self.base = base
+        self.config = config or Stage3Config()
+        self.lockstep = base.action_mode != "grid+stop"
+        self.trainable_model = copy.deepcopy(base.model)
+        groups = self._trainable_groups()
+        self.optimizer = OPTIMIZERS[self.config.optimizer](groups, self.config)
+        self._amp = autocast_dtype(self.config.amp, base.device)
+        self.scaler = torch.amp.GradScaler(base.device.type, enabled=self._amp == torch.float16)
+        self._gen = torch.Generator(device=base.device).manual_seed(self.config.seed)
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._kept_count = 0
+        self._recorded = torch.zeros(base.num_envs, dtype=torch.bool, device=base.device)
+        self._steps_taken = 0
+        self._started = False
+        self._between_episodes = True
+        self.updates = 0
+        self.episodes = 0
+        self.losses: list[float] = []
+        self.autoreset_mode = base.autoreset_mode
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "env":
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self.env, name)
+
+    # ----------------------------------------------------------------------------------------------- settings
+    @property
+    def autoreset_mode(self) -> AutoresetMode:
+        """The autoreset mode the wrapper presents; the env underneath runs DISABLED when this is SAME_STEP."""
+        return self._autoreset_mode
+
+    @autoreset_mode.setter
+    def autoreset_mode(self, mode: str | AutoresetMode) -> None:
+        mode = AutoresetMode(mode)
+        if not self.lockstep and mode != AutoresetMode.DISABLED:
+            raise ValueError(f"Stage 3 with action='grid+stop' needs autoreset_mode=DISABLED, got {mode}: episodes "
+                             "that stop early run out of lockstep, so under autoreset no step is free of episodes "
+                             "in progress and the weights could never be swapped safely.")
+        inner = AutoresetMode.DISABLED if mode == AutoresetMode.SAME_STEP else mode
+        self.base.autoreset_mode = inner
+        self.base.metadata = {**self.base.metadata, "autoreset_mode": inner}
+        self._autoreset_mode = mode
+        self.metadata = {**self.base.metadata, "autoreset_mode": mode}
+
+    def _trainable_groups(self) -> list[dict]:
+        cfg, m = self.config, self.trainable_model
+        parts = [(cfg.train_classifier, [m.classifier], cfg.classifier_lr),
+                 (cfg.train_focus, [m.focus_encoder, m.focus_head], cfg.encoder_lr),
+                 (cfg.train_glance, [m.glance_encoder, m.glance_head], cfg.encoder_lr)]
+        m.requires_grad_(False)
+        groups = []
+        for on, modules, lr in parts:
+            if on:
+                params = [p for mod in modules for p in mod.parameters()]
+                for p in params:
+                    p.requires_grad_(True)
+                groups.append({"params": params, "lr": lr})
+        return groups
+
+    def _train_mode(self) -> None:
+        cfg, m = self.config, self.trainable_model
+        m.train()
+        for on, encoder in ((cfg.train_focus, m.focus_encoder), (cfg.train_glance, m.glance_encoder)):
+            if not on:
+                encoder.eval()
+        if not cfg.bn_batch_stats:
+            for mod in m.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    mod.eval()
+
+    # ------------------------------------------------------------------------------------------------ the API
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        self._update_if_due()  # a reset is always a boundary: unfinished episodes are dropped
+        self._recorded.zero_()
+        self._steps_taken = 0
+        self._started = True
+        self._between_episodes = False
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, actions: Any):
+        if not self._started:
+            raise gym.error.ResetNeeded("Call reset() on the Stage3Wrapper before step(): it counts the steps of "
+                                        "each episode from there.")
+        last = self.base.steps - 1
+        if self.lockstep and self._autoreset_mode == AutoresetMode.NEXT_STEP and self._steps_taken >= last:
+            self._steps_taken = 0
+            self._between_episodes = False
+            return self.env.step(actions)
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        self._steps_taken += 1
+        if self.lockstep:
+            if self._steps_taken < last:
+                return obs, reward, terminated, truncated, info
+            self._keep(None)
+        else:
+            ended = (terminated | truncated) & ~self._recorded
+            rows = ended.nonzero().squeeze(1)
+            if rows.numel():
+                self._keep(rows)
+                self._recorded |= ended
+            if not bool(self._recorded.all()):
+                return obs, reward, terminated, truncated, info
+        self._between_episodes = True
+        self._update_if_due()
+        if self._autoreset_mode == AutoresetMode.SAME_STEP:
+            obs, info = self._reset_same_step(obs, info, terminated | truncated)
+        return obs, reward, terminated, truncated, info
+
+    def _reset_same_step(self, obs: Any, info: dict, final: torch.Tensor) -> tuple[Any, dict]:
+        """Start the next episodes now (after any weight copy), reporting the finished ones as SAME_STEP does."""
+        info = {**info, "final_obs": obs, "final_info": dict(info), "_final_obs": final, "_final_info": final}
+        obs, fresh = self.env.reset()
+        info.update({k: v for k, v in fresh.items() if not k.startswith("_")})
+        self._steps_taken = 0
+        self._between_episodes = False
+        return obs, info
+
+    def _keep(self, rows: torch.Tensor | None) -> None:
+        b = self.base
+        if rows is None:
+            kept = (b.images.clone(), b.labels.clone(), b.history.clone())
+        else:
+            kept = (b.images[rows], b.labels[rows], b.history[rows])
+        self._kept.append(kept)  # (n, C, H, W), (n,), (n, T-1, 2)
+        self._kept_count += kept[1].shape[0]
+        self.episodes += kept[1].shape[0]
+
+    def _update_if_due(self) -> None:
+        if self._kept_count >= self.config.update_every:
+            self._update()
+
+    def flush(self) -> None:
+        """Train on the episodes kept so far, however few, and copy the weights into the env; between episodes
+        only (after the step that ends them, or before the first ``reset()``)."""
+        if not self._between_episodes:
+            raise RuntimeError("flush() while episodes are in progress: their weights would change mid-episode; "
+                               "call it after the step that ends them.")
+        if self._kept_count:
+            self._update()
+
+    def _update(self) -> None:
+        """Gradient steps on the kept episodes, then the copy into ``env.model`` (between episodes only)."""
+        with torch.inference_mode(False), torch.enable_grad():  # learners often step the env under no_grad
+            self._gradient_steps()
+        self.base.model.load_state_dict(self.trainable_model.state_dict())
+        self.updates += 1
+
+    def _gradient_steps(self) -> None:
+        cfg, dev, model = self.config, self.base.device, self.trainable_model
+        images, labels, corners = (torch.cat(parts).clone() for parts in zip(*self._kept))
+        self._kept, self._kept_count = [], 0
+        self._train_mode()
+        total, count = torch.zeros((), device=dev), 0
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(len(labels), generator=self._gen, device=dev).split(cfg.batch_size):
+                with torch.autocast(dev.type, dtype=self._amp or torch.float32, enabled=self._amp is not None):
+                    loss, _ = glimpse_loss(model, images[idx], labels[idx], corners[idx], cfg.dsn_ratio,
+                                           taken=corners[idx, :, 0] >= 0)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total, count = total + loss.detach(), count + 1
+        model.eval()
+        self.losses.append(float(total / count))
+
+    def save(self, path: str | Path, meta: dict | None = None) -> Path:
+        """The fine-tuned weights as a standard model checkpoint (meta ``stage=3``), for ``checkpoint=PATH``."""
+        info = {"stage": 3, "stage3": asdict(self.config), "updates": self.updates, "episodes": self.episodes}
+        return save_model(path, self.trainable_model, {**info, **(meta or {})})
+
+
+def to_sb3(env: Stage3Wrapper, monitor: bool = True) -> VecEnv:
+    """``gfenv.sb3.to_sb3`` for a ``Stage3Wrapper``: SB3 steps the wrapper, which takes over SAME_STEP resets.
+
+    ``gfenv.sb3.SB3VecEnv`` only accepts a bare ``GlanceFocusVectorEnv``, so the adapter is built on the env
+    underneath and then pointed at the wrapper.
+    """
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    from gfenv.sb3 import EPISODE_KEYS, SB3VecEnv
+
+    venv = SB3VecEnv(env.base)
+    env.autoreset_mode = AutoresetMode.SAME_STEP
+    venv.env = env
+    return VecMonitor(venv, info_keywords=EPISODE_KEYS) if monitor else venv
+
+
+def sampling_act(agent: AgentLike) -> Callable[[Any, Any], torch.Tensor]:
+    """The agent's stochastic action: ``agent.sample(obs, env)``, else ``agent.act(obs, env, deterministic=False)``
+    when ``act`` takes that keyword, else plain ``agent.act`` (the fixed baselines)."""
+    sample = getattr(agent, "sample", None)
+    if callable(sample):
+        return sample
+    if "deterministic" in inspect.signature(agent.act).parameters:
+        return partial(agent.act, deterministic=False)
+    return agent.act
+
+
+def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episodes: int = 10_000,
+             config: Stage3Config | None = None, seed: int = 0, device: str | torch.device = "cpu",
+             progress: bool = True, path: str | Path = "runs/stage3/model.pt", num_envs: int = 64) -> Path:
+    """GFNet's stage 3 in frozen mode: run ``agent`` (anything with ``reset(env)``/``act(obs, env)``) with sampled
+    actions on the train split and fine-tune; returns ``path``, the saved checkpoint.
+
+    Episodes run in whole batches of ``num_envs`` (so at least ``episodes``); the env's stage-1 model comes from
+    ``env_kwargs`` (``checkpoint=...``, default the shipped one) merged with the agent's ``env_kwargs``.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or Stage3Config()
+    if config.mode != "frozen":
+        raise ValueError("finetune() runs a fixed policy (mode='frozen'); for mode='joint' train the agent on "
+                         "Stage3Wrapper(env) itself, e.g. SB3 learn() on gfenv.stage3.to_sb3(wrapper).")
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {episodes}.")
+    kwargs = {**(env_kwargs or {}), **getattr(agent, "env_kwargs", {})}
+    fixed = sorted(set(FIXED_ENV_KWARGS) & set(kwargs))
+    if fixed:
+        raise ValueError(f"finetune sets {', '.join(fixed)} itself (train split, autoreset disabled); drop them.")
+    env = GlanceFocusVectorEnv(num_envs=min(num_envs, episodes), split="train", device=device, seed=seed,
+                               autoreset_mode=AutoresetMode.DISABLED, **kwargs)
+    wrapper = Stage3Wrapper(env, config)
+    act = sampling_act(agent)
+    stop = env.grid * env.grid if env.action_mode == "grid+stop" else None
+    n = env.num_envs
+    with tqdm(total=episodes, desc="stage 3", unit="img", disable=not progress) as bar:
+        while wrapper.episodes < episodes:
+            obs, _ = wrapper.reset(seed=seed if wrapper.episodes == 0 else None)
+            agent.reset(wrapper)
+            finished = torch.zeros(n, dtype=torch.bool, device=env.device)
+            for _ in range(env.steps - 1):
+                with torch.no_grad():
+                    actions = act(obs, wrapper)
+                if stop is not None:
+                    actions = torch.where(finished, stop, torch.as_tensor(actions, device=env.device))
+                obs, _, terminated, truncated, _ = wrapper.step(actions)
+                finished |= terminated | truncated
+                if bool(finished.all()):
+                    break
+            bar.update(n)
+            if wrapper.losses:
+                bar.set_postfix(loss=f"{wrapper.losses[-1]:.3f}", updates=wrapper.updates)
+    wrapper.flush()
+    plain = {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in kwargs.items()}
+    meta = {"agent": getattr(agent, "name", type(agent).__name__), "env_kwargs": plain, "seed": seed}
+    return wrapper.save(path, meta)

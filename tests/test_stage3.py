@@ -1,0 +1,250 @@
+"""Stage 3: the wrapper fine-tunes on the policy's glimpses, swaps weights only between episodes, saves a checkpoint.
+
+Small batches on the shipped default task (a 64-image train split where a fixed batch is needed).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import gymnasium as gym
+import pytest
+import torch
+from gymnasium.vector.vector_env import AutoresetMode
+from stable_baselines3 import PPO
+
+import evaluate_agent
+from agents import make_agent
+from gfenv import GlanceFocusVectorEnv
+from gfenv.checkpoint import load_model
+from gfenv.env import DEFAULT_CHECKPOINT
+from gfenv.glimpse import glance
+from gfenv.stage3 import Stage3Config, Stage3Wrapper, finetune, to_sb3
+from gfenv.training import glimpse_loss
+
+SMALL = {"checkpoint": "default", "dataset_kwargs": {"train_size": 64, "test_size": 32}}
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+
+def _run_batch(wrapper: Stage3Wrapper, agent, obs):
+    """The T - 1 steps of one batch of lockstep episodes."""
+    for _ in range(wrapper.steps - 1):
+        obs, *_ = wrapper.step(agent.act(obs, wrapper))
+    return obs
+
+
+def test_finetuning_lowers_the_classifier_loss_on_the_policys_glimpses():
+    env = GlanceFocusVectorEnv(num_envs=64, sampling="sequential", seed=0, **SMALL)
+    before_model = copy.deepcopy(env.model)
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=64, batch_size=64))
+    agent = make_agent("random", seed=0)
+    obs, _ = wrapper.reset(seed=0)
+    agent.reset(wrapper)
+    images, labels = env.images.clone(), env.labels.clone()  # the whole 64-image train split, every episode
+    obs = _run_batch(wrapper, agent, obs)
+    corners = env.history.clone()  # (64, T-1, 2): the random policy's patches on the 64 train images
+    for _ in range(19):
+        obs, *_ = wrapper.step(agent.act(obs, wrapper))  # NEXT_STEP: the reset step
+        obs = _run_batch(wrapper, agent, obs)
+    assert wrapper.updates == 20
+    with torch.no_grad():
+        before = glimpse_loss(before_model, images, labels, corners, dsn_ratio=0.0)[0].item()
+        after = glimpse_loss(env.model, images, labels, corners, dsn_ratio=0.0)[0].item()
+    assert after < before - 0.05
+
+
+def _glance_memory(env: GlanceFocusVectorEnv) -> torch.Tensor:
+    """The classifier state after the glance of the env's current images, with the weights in ``env.model``."""
+    m = env.model
+    with torch.no_grad():
+        feats, _ = m.glance_encoder(glance(env.images, env.patch_size, m.config.glance_mode))
+        return m.classifier.step(feats, m.classifier.init_state(env.num_envs), 0)[1]
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLED])
+def test_env_weights_change_only_between_episodes(mode):
+    env = GlanceFocusVectorEnv(num_envs=8, seed=0, autoreset_mode=mode)
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=8))
+    agent = make_agent("random", seed=0)
+    obs, _ = wrapper.reset(seed=0)
+    agent.reset(wrapper)
+    for _ in range(3):
+        start = _weights(env.model)
+        for s in range(env.steps - 1):
+            obs, _, terminated, _, info = wrapper.step(agent.act(obs, wrapper))
+            if s < env.steps - 2:
+                assert torch.equal(_weights(env.model), start) and not terminated.any()
+        assert terminated.all() and not torch.equal(_weights(env.model), start)
+        if mode == AutoresetMode.SAME_STEP:
+            assert "final_obs" in info
+            assert torch.allclose(obs["memory"], _glance_memory(env), atol=1e-5)  # new episodes: new weights
+        else:
+            after = _weights(env.model)
+            if mode == AutoresetMode.NEXT_STEP:
+                obs, *_ = wrapper.step(agent.act(obs, wrapper))
+            else:
+                obs, _ = wrapper.reset()
+            assert torch.equal(_weights(env.model), after)
+            assert torch.allclose(obs["memory"], _glance_memory(env), atol=1e-5)
+    assert wrapper.updates == 3 and env.model.training is False
+    assert not any(p.requires_grad for p in env.model.parameters())
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_updates_work_when_the_learner_steps_without_gradients(context):
+    env = GlanceFocusVectorEnv(num_envs=8, seed=0)
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=8))
+    classifier = _weights(env.model.classifier)
+    with context():  # e.g. gfnet_ppo collects its rollouts under no_grad
+        obs, _ = wrapper.reset(seed=0)
+        _run_batch(wrapper, make_agent("random", seed=0), obs)
+    assert wrapper.updates == 1 and not torch.equal(_weights(env.model.classifier), classifier)
+
+
+def test_saved_checkpoint_gives_the_finetuned_predictions(tmp_path):
+    env = GlanceFocusVectorEnv(num_envs=16, seed=0, autoreset_mode=AutoresetMode.DISABLED)
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=16, classifier_lr=0.05))
+    agent = make_agent("random", seed=0)
+    for _ in range(2):
+        obs, _ = wrapper.reset()
+        _run_batch(wrapper, agent, obs)
+    path = wrapper.save(tmp_path / "stage3.pt")
+    model, meta = load_model(path)
+    assert meta["stage"] == 3 and meta["updates"] == 2 and meta["stage3"]["classifier_lr"] == 0.05
+
+    def predictions(**kwargs) -> torch.Tensor:
+        test = GlanceFocusVectorEnv(num_envs=16, split="test", sampling="sequential", **kwargs)
+        obs, _ = test.reset(seed=0)
+        center = make_agent("center")
+        for _ in range(test.steps - 1):
+            obs, *_ = test.step(center.act(obs, test))
+        return test.probs
+
+    loaded = predictions(checkpoint=path)
+    assert torch.allclose(loaded, predictions(model=copy.deepcopy(env.model)), atol=1e-6)
+    assert not torch.allclose(loaded, predictions(), atol=1e-3)
+
+
+@pytest.mark.parametrize("options, changed", [
+    ({}, {"classifier"}),
+    ({"train_focus": True, "train_glance": True}, {"classifier", "focus_encoder", "glance_encoder"}),
+    ({"train_classifier": False, "train_focus": True}, {"focus_encoder"}),
+])
+def test_what_is_trained_follows_the_config(options, changed):
+    env = GlanceFocusVectorEnv(num_envs=8, seed=0)
+    parts = ("classifier", "focus_encoder", "glance_encoder")
+    before = {name: _weights(getattr(env.model, name)) for name in parts}
+    stats = env.model.focus_encoder.state_dict()["features.1.running_mean"].clone()
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=8, **options))
+    agent = make_agent("random", seed=0)
+    obs, _ = wrapper.reset(seed=0)
+    _run_batch(wrapper, agent, obs)
+    assert {name for name in parts if not torch.equal(_weights(getattr(env.model, name)), before[name])} == changed
+    assert torch.equal(env.model.focus_encoder.state_dict()["features.1.running_mean"], stats)  # BN kept in eval
+
+
+def test_bn_batch_stats_option_updates_the_running_statistics():
+    env = GlanceFocusVectorEnv(num_envs=8, seed=0)
+    stats = env.model.focus_encoder.state_dict()["features.1.running_mean"].clone()
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=8, train_focus=True, bn_batch_stats=True))
+    obs, _ = wrapper.reset(seed=0)
+    _run_batch(wrapper, make_agent("random", seed=0), obs)
+    assert not torch.equal(env.model.focus_encoder.state_dict()["features.1.running_mean"], stats)
+
+
+def test_finetune_with_a_baseline_agent_saves_a_checkpoint_the_env_loads(tmp_path):
+    path = finetune(make_agent("center"), SMALL, episodes=64, config=Stage3Config(update_every=32, batch_size=32),
+                    seed=0, progress=False, path=tmp_path / "model.pt", num_envs=32)
+    model, meta = load_model(path)
+    shipped, _ = load_model(DEFAULT_CHECKPOINT)
+    assert meta["stage"] == 3 and meta["agent"] == "center" and meta["updates"] == 2 and meta["episodes"] == 64
+    assert not torch.equal(_weights(model.classifier), _weights(shipped.classifier))
+    assert torch.equal(_weights(model.focus_encoder), _weights(shipped.focus_encoder))
+    env = GlanceFocusVectorEnv(num_envs=2, checkpoint=path, dataset_kwargs=SMALL["dataset_kwargs"])
+    assert torch.equal(_weights(env.model.classifier), _weights(model.classifier))
+    argv = ["--agents", "center", "--episodes", "8", "--num-envs", "8", "--no-progress", "--env-kwargs",
+            f"checkpoint={path}"]
+    assert evaluate_agent.main(argv) == 0
+
+
+class EarlyStopper:
+    """Grid+stop policy with a sampling method: odd slots stop after one patch; ``act`` must not be used."""
+
+    name = "early_stopper"
+    supported_actions = frozenset({"grid+stop"})
+
+    def reset(self, env) -> None:
+        self.samples = 0
+
+    def act(self, obs, env) -> torch.Tensor:
+        raise AssertionError("finetune must sample when the agent offers sample()")
+
+    def sample(self, obs, env) -> torch.Tensor:
+        self.samples += 1
+        stop = env.grid * env.grid
+        odd = torch.arange(env.num_envs, device=env.device) % 2 == 1
+        return torch.where(odd & (env.t > 1), stop, env.t + 10)
+
+
+def test_finetune_samples_and_learns_from_episodes_that_stop_early(tmp_path):
+    agent = EarlyStopper()
+    kwargs = {**SMALL, "action": "grid+stop"}
+    path = finetune(agent, kwargs, episodes=16, config=Stage3Config(update_every=16), progress=False,
+                    path=tmp_path / "m.pt", num_envs=16)
+    assert agent.samples > 0 and load_model(path)[1]["episodes"] == 16
+    with pytest.raises(ValueError, match="DISABLED"):
+        Stage3Wrapper(GlanceFocusVectorEnv(num_envs=2, action="grid+stop"))
+
+
+def test_patches_after_an_early_stop_do_not_count():
+    model, _ = load_model(DEFAULT_CHECKPOINT)
+    env = GlanceFocusVectorEnv(num_envs=4, seed=0, model=model)
+    env.reset(seed=0)
+    corners = torch.randint(0, 64, (4, env.steps - 1, 2))
+    taken = torch.tensor([[True] * (env.steps - 1)] * 2 + [[True] + [False] * (env.steps - 2)] * 2)
+    other = torch.where(taken[..., None], corners, torch.randint(0, 64, corners.shape))
+    with torch.no_grad():
+        a = glimpse_loss(model, env.images, env.labels, corners, taken=taken)[0]
+        b = glimpse_loss(model, env.images, env.labels, other, taken=taken)[0]
+        c = glimpse_loss(model, env.images, env.labels, other)[0]
+    assert torch.allclose(a, b) and not torch.allclose(b, c)
+
+
+def test_joint_mode_ppo_learns_while_the_classifier_adapts():
+    env = GlanceFocusVectorEnv(num_envs=4, seed=0)
+    wrapper = Stage3Wrapper(env, Stage3Config(mode="joint", update_every=4))
+    venv = to_sb3(wrapper)
+    classifier = _weights(env.model.classifier)
+    model = PPO("MultiInputPolicy", venv, n_steps=8, batch_size=32, n_epochs=1, device="cpu", seed=0)
+    policy = _weights(model.policy)
+    model.learn(total_timesteps=32)
+    assert wrapper.updates == 2 and len(model.ep_info_buffer) == 8
+    assert not torch.equal(_weights(env.model.classifier), classifier)
+    assert not torch.equal(_weights(model.policy), policy)
+    assert env.autoreset_mode == AutoresetMode.DISABLED and wrapper.autoreset_mode == AutoresetMode.SAME_STEP
+
+
+def test_config_and_finetune_refuse_bad_settings():
+    with pytest.raises(ValueError, match="nothing to train"):
+        Stage3Config(train_classifier=False)
+    with pytest.raises(ValueError, match="mode"):
+        Stage3Config(mode="both")
+    with pytest.raises(ValueError, match="joint"):
+        finetune(make_agent("random"), SMALL, episodes=4, config=Stage3Config(mode="joint"), progress=False)
+    wrapper = Stage3Wrapper(GlanceFocusVectorEnv(num_envs=2, seed=0))
+    with pytest.raises(gym.error.ResetNeeded):
+        wrapper.step(torch.zeros(2, 2))
+    wrapper.reset()
+    with pytest.raises(RuntimeError, match="in progress"):
+        wrapper.flush()

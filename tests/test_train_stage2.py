@@ -1,0 +1,152 @@
+"""Stage 2 through the real CLI (``train_agent.main``): every SB3 agent trains on a tiny budget and leaves a loadable
+model; evaluation, checkpoints, resume, Ctrl-C, seeding, hyperparameter overrides and the user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import train_agent
+from agents import SB3_SPECS, SB3Agent, load_agent
+from agents.training import PolicyTrainingConfig, resolve_config
+from gfenv import GlanceFocusVectorEnv
+from gfenv.sb3 import SB3VecEnv
+
+QUIET = ["--no-progress", "--eval-freq", "-1", "--checkpoint-freq", "0"]
+PPO_TINY = ["n_steps=8", "batch_size=32", "n_epochs=1"]
+TINY = {"ppo": PPO_TINY, "maskable_ppo": PPO_TINY, "recurrent_ppo": PPO_TINY, "a2c": ["n_steps=8"],
+        "trpo": ["n_steps=8", "batch_size=32", "n_critic_updates=1"], "ars": ["n_delta=2", "n_top=2"],
+        "sac": ["learning_starts=16", "buffer_size=512", "batch_size=16"],
+        "qrdqn": ["learning_starts=16", "buffer_size=512", "batch_size=16"]}
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(run_dir, agent="ppo", timesteps=64, extra=(), hyperparams=None) -> int:
+    hp = TINY[agent] if hyperparams is None else hyperparams
+    return train_agent.main(["--stage", "2", "--agent", agent, "--timesteps", str(timesteps), "--num-envs", "4",
+                             "--run-dir", str(run_dir), *QUIET, *extra, "--hyperparams", *hp])
+
+
+def _params(path) -> dict[str, torch.Tensor]:
+    return SB3Agent.load(path).model.policy.state_dict()
+
+
+@pytest.mark.parametrize("agent", sorted(SB3_SPECS))
+def test_each_sb3_agent_trains_through_the_cli_and_leaves_a_loadable_model(tmp_path, agent):
+    assert _train(tmp_path, agent) == 0
+    config = yaml.safe_load((tmp_path / "config.yml").read_text())
+    assert config["agent"] == agent and config["seed"] == 0 and config["num_envs"] == 4
+    assert config["env_kwargs"]["action"] in SB3_SPECS[agent].supported_actions
+    loaded = load_agent(tmp_path)
+    assert loaded.name == agent and loaded.num_timesteps >= 64 and (tmp_path / "last.zip").is_file()
+    env = GlanceFocusVectorEnv(num_envs=2, split="test", seed=0, **loaded.env_kwargs)
+    obs, _ = env.reset(seed=0)
+    loaded.reset(env)
+    assert loaded.act(obs, env).shape[0] == 2
+
+
+def test_evaluation_keeps_the_best_model_and_logs_to_tensorboard(tmp_path):
+    extra = ["--eval-freq", "32", "--eval-episodes", "8", "--checkpoint-freq", "48"]
+    assert _train(tmp_path, "maskable_ppo", timesteps=96, extra=extra) == 0
+    records = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
+    assert [r["timesteps"] for r in records] == [32, 64, 96]
+    assert all(len(r["accuracy"]) == 5 and r["score"] == pytest.approx(sum(r["accuracy"][1:]) / 4) for r in records)
+    assert (tmp_path / "best_model.zip").is_file() and (tmp_path / "model.zip").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["model_48_steps.zip", "model_96_steps.zip"]
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events and any(b"eval/score" in e.read_bytes() for e in events)
+
+
+@pytest.mark.parametrize("agent", ["ppo", "recurrent_ppo", "qrdqn"])
+def test_resume_continues_the_timestep_count(tmp_path, agent):
+    assert _train(tmp_path, agent, timesteps=32) == 0
+    first = _params(tmp_path / "model.zip")
+    assert train_agent.main(["--stage", "2", "--run-dir", str(tmp_path), "--resume", "--timesteps", "96",
+                             *QUIET]) == 0
+    resumed = SB3Agent.load(tmp_path / "model.zip")
+    assert resumed.num_timesteps == 96
+    assert yaml.safe_load((tmp_path / "config.yml").read_text())["timesteps"] == 96
+    assert any(not torch.equal(first[k], v) for k, v in resumed.model.policy.state_dict().items())
+    assert len(list((tmp_path / "tb").iterdir())) == 1  # the same TensorBoard run goes on
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = SB3VecEnv.step_wait
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(SB3VecEnv, "step_wait", interrupted)
+    assert _train(tmp_path, timesteps=128) == 130
+    assert "--resume" in capsys.readouterr().out
+    assert SB3Agent.load(tmp_path / "last.zip").num_timesteps == 44  # 11 vector steps of 4 slots
+    monkeypatch.setattr(SB3VecEnv, "step_wait", real)
+    assert train_agent.main(["--stage", "2", "--run-dir", str(tmp_path), "--resume", *QUIET]) == 0
+    assert SB3Agent.load(tmp_path / "model.zip").num_timesteps >= 128
+
+
+def test_same_seed_same_policy_other_seed_another(tmp_path):
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        assert _train(tmp_path / name, timesteps=64, extra=["--seed", seed]) == 0
+    a, b, c = (_params(tmp_path / n / "model.zip") for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cli_hyperparameters_override_the_yml(tmp_path):
+    assert _train(tmp_path, hyperparams=[*PPO_TINY, "gamma=0.5", "learning_rate=lin_1e-3"]) == 0
+    config = yaml.safe_load((tmp_path / "config.yml").read_text())
+    assert config["hyperparams"]["gamma"] == 0.5 and config["hyperparams"]["n_steps"] == 8
+    assert config["hyperparams"]["ent_coef"] == 0.01  # from hyperparams/ppo.yml
+    model = SB3Agent.load(tmp_path / "model.zip").model
+    assert model.gamma == 0.5 and model.n_steps == 8 and model.lr_schedule(1.0) == pytest.approx(1e-3)
+
+
+def test_yml_env_kwargs_and_cli_env_kwargs():
+    assert resolve_config(PolicyTrainingConfig(agent="ppo"))["env_kwargs"] == {"action": "grid"}
+    cfg = PolicyTrainingConfig(agent="ppo", env_kwargs={"action": "continuous", "train_size": 64}, num_envs=3)
+    config = resolve_config(cfg)
+    assert config["env_kwargs"] == {"action": "continuous", "dataset_kwargs": {"train_size": 64}}
+    assert config["num_envs"] == 3 and config["timesteps"] == 100_000 and "n_envs" not in config["hyperparams"]
+
+
+def test_default_run_dirs_count_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert train_agent.main(["--stage", "2", "--timesteps", "32", "--num-envs", "4", *QUIET, "--hyperparams",
+                                 *PPO_TINY]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "ppo").iterdir()) == ["GlanceFocus-v0_1", "GlanceFocus-v0_2"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--agent", "maskable_ppo", "--env-kwargs", "action=continuous"],
+     "maskable_ppo needs action='grid' or 'grid+stop'"),
+    (["--env-kwargs", "dataset=glyphs", "train_size=64"],
+     "python train_agent.py --stage 1 --env-kwargs dataset=glyphs train_size=64"),
+    (["--agent", "random"], "fixed baseline"),
+    (["--hyperparams", "learning_rat=1"], "Unknown ppo hyperparameter(s) learning_rat"),
+    (["--resume"], "no config.yml"),
+])
+def test_user_errors_print_what_to_do_and_exit_2(tmp_path, capsys, argv, message):
+    assert train_agent.main(["--stage", "2", "--run-dir", str(tmp_path / "run"), *QUIET, *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.yml").exists()
+
+
+def test_stage_3_is_not_there_yet(capsys):
+    assert train_agent.main(["--stage", "3"]) == 2
+    assert "gfenv/stage3.py" in capsys.readouterr().err
