@@ -58,7 +58,7 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="1", choices=["1", "2", "3", "all"],
+    p.add_argument("--stage", default="all", choices=["1", "2", "3", "all"],
                    help="1: encoders + classifier (warm-up); 2: the policy (an agent); 3: fine-tuning")
     p.add_argument("--env", default=ENV_ID, help="environment id (names the default task)")
     p.add_argument("--env-kwargs", nargs="*", action="extend", default=[], metavar="K=V",
@@ -109,15 +109,71 @@ def stage2(args: argparse.Namespace) -> int:
     return 0
 
 
+def main_job(args: argparse.Namespace) -> int:
+    """``--stage all`` (the default): stage 2 with ``--agent`` (ppo), stage 3, evaluation against the baselines."""
+    from agents.pipeline import PipelineConfig, run_pipeline
+    from agents.training import next_run_dir
+
+    cfg = PipelineConfig(agent=args.agent or "ppo", env_kwargs=parse_kv(args.env_kwargs), seed=args.seed,
+                         device=args.device, progress=not args.no_progress)
+    if args.timesteps is not None:
+        cfg.timesteps = args.timesteps
+    for key, value in parse_kv(args.hyperparams).items():
+        if not hasattr(cfg, key):
+            print(f"error: unknown main-job setting {key!r}; valid: {', '.join(cfg.__dataclass_fields__)}.",
+                  file=sys.stderr)
+            return 2
+        setattr(cfg, key, value)
+    run_dir = Path(args.run_dir) if args.run_dir else next_run_dir("main", args.env)
+    try:
+        run_pipeline(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"everything is in {run_dir}")
+    return 0
+
+
+def stage3(args: argparse.Namespace) -> int:
+    """``--stage 3 --run-dir RUN``: fine-tune the classifier on the glimpses of RUN's stage-2 agent."""
+    from agents.learned import load_agent
+    from gfenv.stage3 import Stage3Config, finetune
+
+    if not args.run_dir:
+        print("error: --stage 3 needs --run-dir of a stage-2 run (its agent picks the patches).", file=sys.stderr)
+        return 2
+    fields = set(Stage3Config.__dataclass_fields__)
+    settings = parse_kv(args.hyperparams)
+    episodes = int(settings.pop("episodes", 8192))
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        print(f"error: unknown stage-3 settings {unknown}; valid: episodes, {', '.join(sorted(fields))}.",
+              file=sys.stderr)
+        return 2
+    try:
+        agent = load_agent(args.run_dir, device=args.device)
+        path = finetune(agent, parse_kv(args.env_kwargs), episodes, Stage3Config(seed=args.seed, **settings),
+                        seed=args.seed, device=args.device, progress=not args.no_progress,
+                        path=Path(args.run_dir) / "stage3" / "model.pt")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"stage 3 checkpoint: {path} (evaluate with --env-kwargs checkpoint={path})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.env not in gymnasium.registry:
         parser.error(f"Unknown env id {args.env!r}. Registered gfenv ids: "
                      f"{', '.join(sorted(e for e in gymnasium.registry if e.startswith('gfenv/')))}.")
-    if args.stage in ("3", "all"):
-        print("error: --stage 3 (and all) is not implemented yet: see gfenv/stage3.py.", file=sys.stderr)
-        return 2
+    if args.stage == "all":
+        return main_job(args)
+    if args.stage == "3":
+        return stage3(args)
     if args.agent is not None and args.stage != "2":
         parser.error(f"--agent trains a policy in stage 2; add --stage 2 (learned agents: "
                      f"{', '.join(learned_agent_names())}).")

@@ -18,8 +18,6 @@ import yaml
 
 from agents.base import AGENTS, Agent, AgentBuilder, register_agent
 
-LEARNED_BUILDER_ARGS = ("env_kwargs", "num_envs", "seed", "device", "hyperparams", "tensorboard_log")
-
 
 class TrainingCallback(Protocol):
     """What ``LearnedAgent.learn`` calls after every vector step of training (all slots stepped once).

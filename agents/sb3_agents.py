@@ -43,6 +43,22 @@ BOX_POLICIES = {"MultiInputPolicy": "MlpPolicy", "MultiInputLstmPolicy": "MlpLst
 POLICY_NAMES = {"nn": nn, "GlanceFocusExtractor": GlanceFocusExtractor}
 
 
+class SlotCountingARS(ARS):
+    """sb3-contrib's ARS counting one timestep per slot step.
+
+    Its single-process candidate evaluation adds ``num_envs`` timesteps for every slot that steps (``num_envs**2``
+    per vector step), so with 64 slots a budget ended 64 times too early. Here each slot step counts once and the
+    callbacks (progress bar, evaluation, checkpoints) run once per ``num_envs`` counted steps.
+    """
+
+    def _trigger_callback(self, _locals: dict[str, Any], _globals: dict[str, Any], callback: BaseCallback,
+                          n_envs: int) -> None:
+        self.num_timesteps += 1
+        self._slot_steps = getattr(self, "_slot_steps", 0) + 1
+        if self._slot_steps % n_envs == 0:
+            callback.on_step()
+
+
 @dataclass(frozen=True)
 class SB3Spec:
     """How one SB3 algorithm plugs into gfenv."""
@@ -77,7 +93,7 @@ SB3_SPECS: dict[str, SB3Spec] = {
     "trpo": SB3Spec(TRPO, ACTION_MODES, "grid", "MultiInputPolicy"),
     "maskable_ppo": SB3Spec(MaskablePPO, GRID_MODES, "grid", "MultiInputPolicy", masks=True),
     "qrdqn": SB3Spec(QRDQN, GRID_MODES, "grid", "MultiInputPolicy"),
-    "ars": SB3Spec(ARS, ACTION_MODES, "continuous", None),  # sb3-contrib's ARS has no Dict-observation policy
+    "ars": SB3Spec(SlotCountingARS, ACTION_MODES, "continuous", None),  # no Dict-observation policy in sb3-contrib
 }
 
 
@@ -327,7 +343,7 @@ def build_sb3_agent(name: str, env_kwargs: Mapping[str, Any] | None = None, num_
     env_kwargs = resolve_env_kwargs(name, env_kwargs)
     venv = to_sb3(num_envs=num_envs, seed=seed, device=device, split="train", **env_kwargs)
     hyperparams = dict(hyperparams or {})
-    if SB3_SPECS[name].algo is ARS:
+    if issubclass(SB3_SPECS[name].algo, ARS):
         hyperparams.setdefault("n_eval_episodes", num_envs)  # one episode per slot for each candidate
     policy, kwargs = sb3_kwargs(name, hyperparams, _gfenv(venv))
     model = SB3_SPECS[name].algo(policy, venv, seed=seed, device=device, tensorboard_log=tensorboard_log, verbose=0,

@@ -18,6 +18,7 @@ from agents.sb3_agents import parse_policy_kwargs, sb3_kwargs
 from agents.training import load_hyperparams
 from gfenv import GlanceFocusVectorEnv
 from gfenv.evaluation import evaluate
+from gfenv.flops import count_macs
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +106,7 @@ def test_maskable_ppo_never_revisits_a_cell():
     assert all(len(set(row.tolist())) == env.steps - 1 for row in cells)
 
 
-def test_recurrent_ppo_resets_its_lstm_state_between_batches():
+def test_recurrent_ppo_starts_each_episode_from_a_fresh_lstm_state():
     agent = make_agent("recurrent_ppo", env_kwargs={"action": "grid"}, num_envs=2, seed=0, hyperparams=PPO_TINY)
     agent.learn(16)
     env = _env("grid")
@@ -119,8 +120,10 @@ def test_macs_per_step_counts_the_policy_and_the_evaluator_reports_it():
     ppo = make_agent("ppo", env_kwargs={"action": "grid"}, num_envs=2, seed=0)
     lstm = make_agent("recurrent_ppo", env_kwargs={"action": "grid"}, num_envs=2, seed=0)
     lstm_weights = sum(p.numel() for n, p in lstm.model.policy.lstm_actor.named_parameters() if "weight" in n)
-    assert ppo.macs_per_step > 100_000
-    assert lstm.macs_per_step > lstm_weights  # FlopCounterMode misses aten.lstm: added by hand
+    one = {k: torch.zeros(1, *s.shape) for k, s in lstm.model.observation_space.spaces.items()}
+    extractor = count_macs(lstm.model.policy.features_extractor, one)
+    assert ppo.macs_per_step > extractor > 100_000
+    assert lstm.macs_per_step > extractor + lstm_weights  # FlopCounterMode misses aten.lstm: added by hand
     result = evaluate({"ppo": ppo}, {}, episodes=4, seed=0, num_envs=4, progress=False)["ppo"]
     assert result["policy_macs_per_step"] == ppo.macs_per_step
     env = _env("grid", n=1)

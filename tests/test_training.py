@@ -9,7 +9,7 @@ import train_agent
 from gfenv.checkpoint import load_checkpoint, load_model
 from gfenv.env import GlanceFocusVectorEnv
 
-TINY = ["--env-kwargs", "train_size=64", "test_size=32", "--hyperparams", "eval_images=32", "log_every=1",
+TINY = ["--stage", "1", "--env-kwargs", "train_size=64", "test_size=32", "--hyperparams", "eval_images=32", "log_every=1",
         "--batch-size", "16", "--no-progress"]
 
 
