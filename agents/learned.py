@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,28 +58,6 @@ class LearnedAgent(Agent):
 
     def log_scalars(self, values: dict[str, float], num_timesteps: int) -> None:
         """Write scalars (e.g. evaluation accuracy) to the agent's TensorBoard log; a no-op without one."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
-
-    A reader never sees a half-written file, and an interrupted save leaves the previous one intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def register_learned_agent(name: str, agent_class: type[LearnedAgent]) -> Callable[[AgentBuilder], AgentBuilder]:

@@ -29,7 +29,8 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from agents.features import GlanceFocusExtractor
-from agents.learned import LearnedAgent, TrainingCallback, atomic_write, register_learned_agent
+from agents.learned import LearnedAgent, TrainingCallback, register_learned_agent
+from gfenv.checkpoint import atomic_write
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
 from gfenv.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs

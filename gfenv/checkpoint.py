@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,18 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: corrupt, of another format, or made for another task."""
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temp file in ``path``'s folder, fsync it, then ``os.replace`` it onto ``path``.
+
+    A reader never sees a half-written file, and an interrupted save leaves the previous one intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -44,6 +48,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -20,15 +20,6 @@ N = 8
 MODES = ("continuous", "grid")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches on shared cores: a second intra-op thread only waits for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def agent(action: str = "continuous", seed: int = 0, **kwargs) -> GFNetPPOAgent:
     return make_agent("gfnet_ppo", env_kwargs={"action": action}, num_envs=N, seed=seed, **kwargs)
 

@@ -20,15 +20,6 @@ from gfenv import GlanceFocusVectorEnv
 from gfenv.evaluation import evaluate
 from gfenv.flops import count_macs
 
-
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PPO_TINY = {"n_steps": 8, "batch_size": 16, "n_epochs": 1}
 TINY = {"ppo": PPO_TINY, "maskable_ppo": PPO_TINY, "recurrent_ppo": PPO_TINY, "a2c": {"n_steps": 8},
         "trpo": {"n_steps": 8, "batch_size": 32}, "ars": {"n_delta": 2},

@@ -25,14 +25,6 @@ from gfenv.training import glimpse_loss
 SMALL = {"checkpoint": "default", "dataset_kwargs": {"train_size": 64, "test_size": 32}}
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _weights(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
 

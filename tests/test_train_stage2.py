@@ -23,14 +23,6 @@ TINY = {"ppo": PPO_TINY, "maskable_ppo": PPO_TINY, "recurrent_ppo": PPO_TINY, "a
         "qrdqn": ["learning_starts=16", "buffer_size=512", "batch_size=16"]}
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(run_dir, agent="ppo", timesteps=64, extra=(), hyperparams=None) -> int:
     hp = TINY[agent] if hyperparams is None else hyperparams
     return train_agent.main(["--stage", "2", "--agent", agent, "--timesteps", str(timesteps), "--num-envs", "4",
@@ -152,7 +144,7 @@ def test_stage_3_cli_fine_tunes_on_the_glimpses_of_a_stage_2_run(tmp_path, capsy
 
     run = tmp_path / "run"
     assert train_agent.main(["--stage", "2", "--agent", "ppo", "--timesteps", "64", "--num-envs", "4",
-                             "--run-dir", str(run), *QUIET]) == 0
+                             "--hyperparams", "batch_size=64", "--run-dir", str(run), *QUIET]) == 0
     assert train_agent.main(["--stage", "3", "--run-dir", str(run), "--no-progress", "--hyperparams", "episodes=8",
                              "update_every=8", "batch_size=8"]) == 0
     model, meta = load_model(run / "stage3" / "model.pt")

@@ -9,8 +9,8 @@ import train_agent
 from gfenv.checkpoint import load_checkpoint, load_model
 from gfenv.env import GlanceFocusVectorEnv
 
-TINY = ["--stage", "1", "--env-kwargs", "train_size=64", "test_size=32", "--hyperparams", "eval_images=32", "log_every=1",
-        "--batch-size", "16", "--no-progress"]
+TINY = ["--stage", "1", "--env-kwargs", "train_size=64", "test_size=32", "--hyperparams", "eval_images=32",
+        "log_every=1", "--batch-size", "16", "--no-progress"]
 
 
 def test_stage1_cli_writes_a_checkpoint_the_env_loads(tmp_path):
