@@ -87,7 +87,8 @@ class GlanceFocusVectorEnv(VectorEnv):
 
     ## Episode End
     Terminated after T glimpses (T - 1 focus steps) or when the stop action is taken. Never truncated. The info
-    dict carries, every step, ``prediction``, ``confidence``, ``correct`` and the cumulative ``macs`` of each slot.
+    dict carries, every step, ``prediction``, ``confidence`` (max probability), ``true_confidence``, ``correct``, the
+    cumulative ``macs`` and the ``step`` (glimpses taken) of each slot.
     Autoreset mode NEXT_STEP by default: the step after an episode ends resets that slot and ignores its action.
 
     ## Arguments
