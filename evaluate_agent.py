@@ -1,6 +1,7 @@
 """Compare agents on the test split of a gfenv task: accuracy and multiply-adds after each glimpse.
 
     python evaluate_agent.py --agents random,center,raster,oracle --episodes 1000 --json runs/eval/baselines.json
+    python evaluate_agent.py --agents random,oracle,ppo=runs/ppo/GlanceFocus-v0_1     # a trained stage-2 run
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import gymnasium
 
-from agents import AGENTS, make_agent
+from agents import AGENTS, load_agent, make_agent
 from gfenv import ENV_ID
 from gfenv.evaluation import evaluate, format_table
 from gfenv.utils import parse_kv
@@ -25,7 +26,8 @@ def gfenv_ids() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", default="random,center,oracle",
-                   help=f"comma-separated agent names; registered: {', '.join(sorted(AGENTS))}")
+                   help=f"comma-separated agents: registered names ({', '.join(sorted(AGENTS))}) or "
+                        "LABEL=RUN_DIR for a trained stage-2 run (its best_model, else model)")
     p.add_argument("--env", default=ENV_ID, help="environment id (its registered kwargs are the defaults)")
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V",
                    help="env settings, e.g. action=grid grid=7 steps=5 dataset=glyphs checkpoint=PATH")
@@ -41,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    names = list(dict.fromkeys(n.strip() for n in args.agents.split(",") if n.strip()))
+    items = list(dict.fromkeys(n.strip() for n in args.agents.split(",") if n.strip()))
+    runs = dict(item.split("=", 1) for item in items if "=" in item)
+    names = [n for n in items if "=" not in n]
     unknown = [n for n in names if n not in AGENTS]
-    if unknown or not names:
+    if unknown or not items:
         parser.error(f"Unknown agent(s) {', '.join(map(repr, unknown)) or '(none given)'}. "
                      f"Valid agents: {', '.join(sorted(AGENTS))}.")
     if args.env not in gfenv_ids():
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     env_kwargs = {**gymnasium.spec(args.env).kwargs, **parse_kv(args.env_kwargs)}
     try:
         agents = {name: make_agent(name, seed=args.seed) for name in names}
+        agents.update({label: load_agent(path, device=args.device) for label, path in runs.items()})
         results = evaluate(agents, env_kwargs, args.episodes, args.seed, num_envs=args.num_envs, device=args.device,
                            progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:

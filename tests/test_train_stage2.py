@@ -164,3 +164,17 @@ def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
         assert len(res["accuracy"]) == len(res["macs"]) == len(res["score"]) == 5
     assert report["agents"]["oracle"]["score"][-1] == 100.0 and report["agents"]["random"]["score"][-1] == 0.0
     assert (tmp_path / "results.md").exists() and (tmp_path / "stage3" / "model.pt").exists()
+
+
+def test_evaluate_agent_loads_a_trained_run_by_label(tmp_path):
+    import evaluate_agent
+
+    run = tmp_path / "run"
+    assert train_agent.main(["--stage", "2", "--agent", "ppo", "--timesteps", "64", "--num-envs", "4",
+                             "--hyperparams", "batch_size=64", "--run-dir", str(run), *QUIET]) == 0
+    out = tmp_path / "eval.json"
+    assert evaluate_agent.main(["--agents", f"random,mine={run}", "--episodes", "8", "--num-envs", "8",
+                                "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["agents"]
+    assert set(report) == {"random", "mine"} and report["mine"]["policy_macs_per_step"] > 0
+    assert report["mine"]["macs"][-1] > report["random"]["macs"][-1]
