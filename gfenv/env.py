@@ -173,7 +173,6 @@ class GlanceFocusVectorEnv(VectorEnv):
         self._gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,)).item()))
         self._cursor = 0
         self._lockstep = action != "grid+stop"
-        self._needs_reset = True
         self._t_host = 0
         n, dev = self.num_envs, self.device
         self.images = torch.zeros(n, c, h, w, device=dev)
@@ -231,8 +230,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         count = self.num_envs if rows is None else rows.numel()
         images, labels = self.source.get(self._draw(count))
         check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
-        check_labels = labels if labels.numel() else None
-        if check_labels is not None:
+        if labels.numel():
             _check_labels(labels, self.num_classes)
         g = glance(images, self.patch_size, self.model.config.glance_mode)
         feats, fmap = self.model.glance_encoder(g)
@@ -299,10 +297,9 @@ class GlanceFocusVectorEnv(VectorEnv):
         return self.corners[cell], cell, stop
 
     @torch.no_grad()
-    def _classify(self, patches: torch.Tensor, memory: torch.Tensor, t: int | torch.Tensor):
+    def _classify(self, patches: torch.Tensor, memory: torch.Tensor, t: int):
         feats, fmap = self.model.focus_encoder(patches)
-        step = int(t) if isinstance(t, int) else 1
-        logits, memory = self.model.classifier.step(feats, memory, step)
+        logits, memory = self.model.classifier.step(feats, memory, t)
         return feats, fmap, logits.float().softmax(1), memory
 
     # ------------------------------------------------------------------------------------------------ the API
@@ -313,12 +310,11 @@ class GlanceFocusVectorEnv(VectorEnv):
             self._cursor = 0
         self._reset_slots(None)
         self._t_host = 1
-        self._needs_reset = False
         return self._observation(), self._info()
 
     @torch.no_grad()
     def step(self, actions: Any):
-        if self._needs_reset is True and self._t_host == 0:
+        if self._t_host == 0:
             raise gym.error.ResetNeeded("Call reset() before step().")
         n, dev = self.num_envs, self.device
         if self.autoreset_mode == AutoresetMode.DISABLED and self._lockstep and self._t_host >= self.steps:
@@ -328,12 +324,13 @@ class GlanceFocusVectorEnv(VectorEnv):
             self._t_host = 1
             zeros = torch.zeros(n, dtype=torch.bool, device=dev)
             return self._observation(), torch.zeros(n, device=dev), zeros, zeros.clone(), self._info()
-        reset_now = None
-        if self.autoreset_mode == AutoresetMode.NEXT_STEP and not self._lockstep:
-            reset_now = self.done.clone()
-            rows = reset_now.nonzero().squeeze(1)
-            if rows.numel():
-                self._reset_slots(rows)
+        idle = None
+        if not self._lockstep:
+            idle = self.done.clone()  # finished slots: reset now (NEXT_STEP) or left as they are; they do not move
+            if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+                rows = idle.nonzero().squeeze(1)
+                if rows.numel():
+                    self._reset_slots(rows)
         corners, cell, stop = self._actions_to_corners(actions)
         patches = crop(self.images, corners, self.patch_size)  # (N, C, P, P)
         if self._lockstep:
@@ -341,13 +338,9 @@ class GlanceFocusVectorEnv(VectorEnv):
         else:
             feats, fmap, probs, memory = self._per_slot_classify(patches)
         moving = torch.ones(n, dtype=torch.bool, device=dev) if stop is None else ~stop
-        if reset_now is not None:
-            moving = moving & ~reset_now
-            stop = stop & ~reset_now
-        if not self._lockstep:
-            finished = self.done if reset_now is None else self.done & ~reset_now
-            moving = moving & ~finished  # a finished slot that was not reset stays as it is
-            stop = stop & ~finished
+        if idle is not None:
+            moving = moving & ~idle
+            stop = stop & ~idle
         step_macs = torch.where(moving, float(self.focus_macs), 0.0)
         new_t = self.t + moving.long()
         done = (new_t >= self.steps) | (stop if stop is not None else False)
@@ -374,22 +367,19 @@ class GlanceFocusVectorEnv(VectorEnv):
         terminated, truncated = done.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
         obs, info = self._observation(), self._info()
         if self.autoreset_mode == AutoresetMode.SAME_STEP:
-            final = done
             any_done = (self._t_host >= self.steps) if self._lockstep else bool(done.any())
             if any_done:
                 info["final_obs"] = obs
                 info["final_info"] = info.copy()
-                info["_final_obs"] = final
-                info["_final_info"] = final
+                info["_final_obs"] = done
+                info["_final_info"] = done
                 if self._lockstep:
                     self._reset_slots(None)
                     self._t_host = 1
                 else:
                     self._reset_slots(done.nonzero().squeeze(1))
                 obs = self._observation()
-                fresh = self._info()
-                for k in ("prediction", "confidence", "correct", "macs", "step"):
-                    info[k] = fresh[k]
+                info.update(self._info())
         return obs, reward, terminated, truncated, info
 
     def _per_slot_classify(self, patches: torch.Tensor):
