@@ -8,6 +8,9 @@ Stage 2 (policy learning): a learned agent on the frozen stage-1 features, e.g.
     python train_agent.py --stage 2 --agent maskable_ppo --timesteps 200000
 writes runs/<agent>/GlanceFocus-v0_<n>/ (config.yml, tb/, evaluations.jsonl, best_model, model, last, checkpoints/);
 hyperparameters from hyperparams/<agent>.yml, overridable with --hyperparams k=v.
+
+Static reference: the same encoder family on the whole image at full resolution (the accuracy GFNet must match), e.g.
+    python train_agent.py --stage static --env-kwargs dataset=glyphs --run-dir runs/static/glyphs
 """
 
 from __future__ import annotations
@@ -58,14 +61,16 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="all", choices=["1", "2", "3", "all"],
-                   help="1: encoders + classifier (warm-up); 2: the policy (an agent); 3: fine-tuning")
+    p.add_argument("--stage", default="all", choices=["1", "2", "3", "all", "static"],
+                   help="1: encoders + classifier (warm-up); 2: the policy (an agent); 3: fine-tuning; "
+                        "static: the full-resolution reference network")
     p.add_argument("--env", default=ENV_ID, help="environment id (names the default task)")
     p.add_argument("--env-kwargs", nargs="*", action="extend", default=[], metavar="K=V",
                    help="task: dataset=glyphs|mnist|cifar10|..., data_root=PATH, patch_size=, steps=, backbone=, ...; "
                         "stage 2 also action=, observation=, reward=, checkpoint=PATH")
     p.add_argument("--hyperparams", nargs="*", action="extend", default=[], metavar="K=V",
-                   help="stage 1: Stage1Config fields; stage 2: the agent's (over hyperparams/<agent>.yml)")
+                   help="stage 1: Stage1Config fields; stage 2: the agent's (over hyperparams/<agent>.yml); "
+                        "static: StaticConfig fields")
     p.add_argument("--agent", default=None, help="stage 2: learned agent to train (default ppo)")
     p.add_argument("--timesteps", type=int, default=None, help="stage 2: total timesteps (default: the yml's)")
     p.add_argument("--num-envs", type=int, default=None, help="stage 2: parallel env slots (default: the yml's)")
@@ -84,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--run-dir", default=None,
-                   help="output folder (default stage 1: runs/stage1/<dataset>; stage 2: runs/<agent>/<env>_<n>)")
+                   help="output folder (default stage 1: runs/stage1/<dataset>; stage 2: runs/<agent>/<env>_<n>; "
+                        "static: runs/static/<dataset>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <run-dir>/last.* (stage 2 without --run-dir: the agent's latest run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -164,6 +170,24 @@ def stage3(args: argparse.Namespace) -> int:
     return 0
 
 
+def static_stage(args: argparse.Namespace) -> int:
+    """``--stage static``: train the static full-resolution reference (``gfenv.static``), print its test accuracy."""
+    from gfenv.static import static_config, train_static
+
+    try:
+        cfg = static_config(parse_kv(args.env_kwargs), parse_kv(args.hyperparams), seed=args.seed,
+                            device=args.device, epochs=args.epochs, batch_size=args.batch_size,
+                            optimizer=args.optimizer, amp=args.amp)
+        train_static(cfg, Path(args.run_dir or f"runs/static/{cfg.dataset}"), resume=args.resume,
+                     progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return main_job(args)
     if args.stage == "3":
         return stage3(args)
+    if args.stage == "static":
+        return static_stage(args)
     if args.agent is not None and args.stage != "2":
         parser.error(f"--agent trains a policy in stage 2; add --stage 2 (learned agents: "
                      f"{', '.join(learned_agent_names())}).")
