@@ -29,6 +29,7 @@ from gfenv.flops import count_macs
 FORMAT = "gfenv-gfnet-ppo-v1"
 RESERVED_ENV_KWARGS = (*FIXED_ENV_KWARGS, "seed", "render_mode", "model", "source")
 RETURN_EPS = 1e-5
+GFNET_LINEAR_WIDTH = 2048  # the first layer of GFNet's ResNet/DenseNet state encoder
 
 
 @dataclass
@@ -52,8 +53,9 @@ class GFNetPPOConfig:
     hidden_size: int = 256
     """Width of the state encoder's output and of the GRU (GFNet: 1024 for ResNet-50, 256 for smaller ones)."""
     state_encoder: str = "linear"
-    """How the feature map enters the GRU (``STATE_ENCODERS``): ``linear`` over the flattened map (GFNet's choice
-    for ResNet/DenseNet) or ``conv`` (a 1x1 conv to ``conv_channels`` first, its choice for the mobile nets)."""
+    """How the feature map enters the GRU (``STATE_ENCODERS``): ``linear`` over the flattened map, ``gfnet_linear``
+    (GFNet's exact ResNet/DenseNet encoder: linear to 2048, then to ``hidden_size``) or ``conv`` (a 1x1 conv to
+    ``conv_channels`` first, its choice for the mobile nets)."""
     conv_channels: int = 32
     """Channels of the ``conv`` state encoder's 1x1 convolution."""
 
@@ -105,8 +107,14 @@ def conv_state_encoder(map_shape: tuple[int, ...], cfg: GFNetPPOConfig) -> nn.Mo
                          nn.Flatten(), nn.Linear(cfg.conv_channels * h * w, cfg.hidden_size), nn.ReLU())
 
 
+def gfnet_linear_state_encoder(map_shape: tuple[int, ...], cfg: GFNetPPOConfig) -> nn.Module:
+    """GFNet's own state encoder for ResNet/DenseNet, layer for layer (so its released policies load exactly)."""
+    return nn.Sequential(nn.Linear(math.prod(map_shape), GFNET_LINEAR_WIDTH), nn.ReLU(),
+                         nn.Linear(GFNET_LINEAR_WIDTH, cfg.hidden_size), nn.ReLU())
+
+
 STATE_ENCODERS: dict[str, Callable[[tuple[int, ...], GFNetPPOConfig], nn.Module]] = {
-    "linear": linear_state_encoder, "conv": conv_state_encoder}
+    "linear": linear_state_encoder, "gfnet_linear": gfnet_linear_state_encoder, "conv": conv_state_encoder}
 
 
 class GaussianHead(nn.Module):
@@ -407,6 +415,27 @@ class GFNetPPOAgent(LearnedAgent):
         agent.policy.load_state_dict(payload["policy"])
         agent.optimizer.load_state_dict(payload["optimizer"])
         agent.num_timesteps = int(payload["num_timesteps"])
+        return agent
+
+    @classmethod
+    def from_gfnet_checkpoint(cls, checkpoint: Any, device: str = "cpu", grid: int = 7,
+                              **kwargs: Any) -> GFNetPPOAgent:
+        """An agent acting with the patch policy of an official GFNet-Pytorch checkpoint (``.pth.tar``).
+
+        ``checkpoint`` is its path or what ``gfenv.official.load_gfnet_checkpoint`` returned. The agent acts on
+        envs built with that checkpoint's model (``GFNetCheckpoint.make_env``): observation ``gfnet``, continuous
+        actions, ``grid`` only sizes the visited map. ``kwargs`` go to the constructor (``seed``, ``num_envs``).
+        """
+        from gfenv.official import GFNetCheckpoint, load_gfnet_checkpoint
+
+        ckpt = checkpoint if isinstance(checkpoint, GFNetCheckpoint) else load_gfnet_checkpoint(checkpoint)
+        if ckpt.policy is None:
+            raise CheckpointError(f"{ckpt.path} holds no patch policy (a stage-1 checkpoint); use a stage-2 or "
+                                  f"stage-3 GFNet checkpoint, or train one with train_agent.py --stage 2.")
+        hyperparams = {**(kwargs.pop("hyperparams", None) or {}), **ckpt.policy_hyperparams}
+        agent = cls(**{"env_kwargs": {"observation": "gfnet", "action": "continuous", "grid": grid}, **kwargs,
+                       "hyperparams": hyperparams, "device": device, "layout": (ckpt.map_shape, grid * grid)})
+        agent.policy.load_state_dict(ckpt.policy)
         return agent
 
 
