@@ -1,22 +1,28 @@
 """Benchmark agents on a task's test split: accuracy and multiply-adds after each glimpse, on the same images.
 
+``evaluate`` runs agents once (one seed, one split); ``benchmark`` runs them over seeds, adds the budgeted batch
+classification curve (``gfenv.budgeted``, thresholds fitted on the train split) and the mean and std over seeds.
 Agents are duck-typed (``AgentLike``), so gfenv needs nothing from the ``agents`` package.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from gymnasium.vector.vector_env import AutoresetMode
 from tqdm.auto import tqdm
 
+from gfenv.budgeted import budgeted_curve
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
 
 FIXED_ENV_KWARGS = ("split", "sampling", "num_envs", "device", "autoreset_mode")
 DEFAULT_ACTION = inspect.signature(GlanceFocusVectorEnv).parameters["action"].default
+PER_STEP_KEYS = ("accuracy", "macs", "confidence", "true_class_confidence", "glimpses")
+SPREAD_KEYS = ("accuracy", "macs", "score")
 
 
 class AgentLike(Protocol):
@@ -29,25 +35,33 @@ class AgentLike(Protocol):
     def act(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor: ...
 
 
+def agent_env_kwargs(agent: AgentLike, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The env settings ``agent`` runs with: the shared ones, then the agent's own (e.g. its action mode)."""
+    return {**env_kwargs, **getattr(agent, "env_kwargs", {})}
+
+
 def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes: int, seed: int,
-             num_envs: int = 250, device: str | torch.device = "cpu", progress: bool = True) -> dict[str, dict]:
-    """Run every agent on the first ``episodes`` test images (in order, so all agents see the same ones).
+             num_envs: int = 250, device: str | torch.device = "cpu", progress: bool = True, split: str = "test",
+             record: bool = False, bar: tqdm | None = None) -> dict[str, dict]:
+    """Run every agent on the first ``episodes`` images of ``split`` (in order, so all agents see the same ones).
 
     Returns, per agent label, lists over glimpses t = 1..T (t = 1 is the glance alone):
     ``accuracy`` (percent correct), ``macs`` (mean cumulative multiply-adds per image: the env's encoders and
     classifier plus the agent's ``macs_per_step`` per decision made), ``confidence`` (mean max softmax
     probability), ``true_class_confidence`` (mean softmax probability of the true class) and ``glimpses`` (mean
     glimpses taken, below t only for agents that stop early); plus ``episodes``, ``steps`` (T), ``action`` (the
-    env's action mode), ``policy_macs_per_step`` and ``macs_parts`` (multiply-adds per image of one call of each part:
-    glance encoder, focus encoder, classifier step, policy).
+    env's action mode), ``env_kwargs`` (the agent's env settings), ``policy_macs_per_step`` and ``macs_parts``
+    (multiply-adds per image of one call of each part: glance encoder, focus encoder, classifier step, policy).
+    With ``record``, also ``per_image``: (episodes, T) tensors ``confidence``, ``correct`` and ``macs``.
+    ``bar``: a shared progress bar to advance (instead of one bar per agent).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
-    plans = {label: {**env_kwargs, **getattr(agent, "env_kwargs", {})} for label, agent in agents.items()}
+    plans = {label: agent_env_kwargs(agent, env_kwargs) for label, agent in agents.items()}
     for label, agent in agents.items():
         fixed = sorted(set(FIXED_ENV_KWARGS) & set(plans[label]))
         if fixed:
-            raise ValueError(f"evaluate sets {', '.join(fixed)} itself (test split, sequential images); "
+            raise ValueError(f"evaluate sets {', '.join(fixed)} itself (the split given, sequential images); "
                              f"drop them from the env kwargs.")
         _check_action_mode(label, agent, plans[label].get("action", DEFAULT_ACTION))
     envs: dict[str, GlanceFocusVectorEnv] = {}
@@ -55,10 +69,15 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
     for label, agent in agents.items():
         key = repr(sorted(plans[label].items()))
         if key not in envs:
-            envs[key] = GlanceFocusVectorEnv(num_envs=min(num_envs, episodes), split="test", sampling="sequential",
+            envs[key] = GlanceFocusVectorEnv(num_envs=min(num_envs, episodes), split=split, sampling="sequential",
                                              device=device, autoreset_mode=AutoresetMode.DISABLED, **plans[label])
-        with tqdm(total=episodes, desc=label, unit="img", disable=not progress) as bar:
-            results[label] = run_episodes(agent, envs[key], episodes, seed, bar.update)
+        if bar is not None:
+            bar.set_description(f"{label} ({split})")
+            results[label] = run_episodes(agent, envs[key], episodes, seed, bar.update, record=record)
+        else:
+            with tqdm(total=episodes, desc=label, unit="img", disable=not progress) as own:
+                results[label] = run_episodes(agent, envs[key], episodes, seed, own.update, record=record)
+        results[label]["env_kwargs"] = plans[label]
     return results
 
 
@@ -70,47 +89,67 @@ def _check_action_mode(label: str, agent: AgentLike, action: str) -> None:
                          f"action={usable[0] if usable else '?'} (supported: {', '.join(usable)}).")
 
 
-@torch.no_grad()
-def run_episodes(agent: AgentLike, env: GlanceFocusVectorEnv, episodes: int, seed: int,
-                 on_batch: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """``evaluate`` for one agent on a built env (test split, sequential sampling, autoreset disabled).
-
-    Every batch runs T - 1 steps; a slot that stopped early is sent the stop action from then on, so it keeps its
-    final prediction and MACs, and no autoreset draws images out of turn.
-    """
+def _play_batch(agent: AgentLike, env: GlanceFocusVectorEnv, seed: int | None) -> tuple[torch.Tensor, dict]:
+    """One batch of episodes (one image per slot): (T, 5, N) measurements after each step (see ``_measure``) and
+    the last info. A slot that stopped early is sent the stop action from then on, so it keeps its final
+    prediction and MACs, and no autoreset draws images out of turn."""
     steps, n = env.steps, env.num_envs
     policy_macs = float(getattr(agent, "macs_per_step", 0) or 0)
     stop = env.grid * env.grid if env.action_mode == "grid+stop" else None
+    obs, info = env.reset(seed=seed)
+    agent.reset(env)
+    finished = torch.zeros(n, dtype=torch.bool, device=env.device)
+    decisions = torch.zeros(n, dtype=torch.float64, device=env.device)
+    rows = [_measure(env, info, decisions * policy_macs)]
+    for _ in range(steps - 1):
+        if bool(finished.all()):
+            rows.append(rows[-1])
+            continue
+        actions = agent.act(obs, env)
+        if stop is not None:
+            actions = torch.where(finished, stop, torch.as_tensor(actions, device=env.device))
+        decisions += (~finished).double()
+        obs, _, terminated, truncated, info = env.step(actions)
+        finished |= terminated | truncated
+        rows.append(_measure(env, info, decisions * policy_macs))
+    return torch.stack(rows), info
+
+
+@torch.no_grad()
+def run_episodes(agent: AgentLike, env: GlanceFocusVectorEnv, episodes: int, seed: int,
+                 on_batch: Callable[[int], Any] | None = None, record: bool = False) -> dict[str, Any]:
+    """``evaluate`` for one agent on a built env (sequential sampling, autoreset disabled).
+
+    Every batch runs T - 1 steps; a slot that stopped early is sent the stop action from then on. With ``record``
+    the result also holds ``per_image``: (episodes, T) CPU tensors ``confidence`` (max softmax probability),
+    ``correct`` (bool) and ``macs`` (cumulative multiply-adds, policy included) of every image after every step.
+    """
+    steps, n = env.steps, env.num_envs
+    policy_macs = int(float(getattr(agent, "macs_per_step", 0) or 0))
     totals = torch.zeros(steps, 5, dtype=torch.float64, device=env.device)
+    kept: list[torch.Tensor] = []
     counted = 0
     while counted < episodes:
         count = min(n, episodes - counted)
-        obs, info = env.reset(seed=seed if counted == 0 else None)
-        agent.reset(env)
-        finished = torch.zeros(n, dtype=torch.bool, device=env.device)
-        decisions = torch.zeros(n, dtype=torch.float64, device=env.device)
-        rows = [_measure(env, info, decisions * policy_macs)]
-        for _ in range(steps - 1):
-            if bool(finished.all()):
-                rows.append(rows[-1])
-                continue
-            actions = agent.act(obs, env)
-            if stop is not None:
-                actions = torch.where(finished, stop, torch.as_tensor(actions, device=env.device))
-            decisions += (~finished).double()
-            obs, _, terminated, truncated, info = env.step(actions)
-            finished |= terminated | truncated
-            rows.append(_measure(env, info, decisions * policy_macs))
-        totals += torch.stack(rows)[:, :, :count].sum(2)
+        measured, _ = _play_batch(agent, env, seed if counted == 0 else None)
+        totals += measured[:, :, :count].sum(2)
+        if record:
+            kept.append(measured[:, :3, :count].permute(2, 0, 1).cpu())  # (count, T, 3)
         counted += count
         if on_batch is not None:
             on_batch(count)
     mean = (totals / episodes).cpu()
-    return {"accuracy": (100.0 * mean[:, 0]).tolist(), "macs": mean[:, 1].tolist(), "confidence": mean[:, 2].tolist(),
-            "true_class_confidence": mean[:, 3].tolist(), "glimpses": mean[:, 4].tolist(), "episodes": episodes,
-            "steps": steps, "action": env.action_mode, "policy_macs_per_step": int(policy_macs),
-            "macs_parts": {"glance_encoder": env.macs["glance_encoder"], "focus_encoder": env.macs["focus_encoder"],
-                           "classifier": env.macs["classifier"], "policy": int(policy_macs)}}
+    result = {"accuracy": (100.0 * mean[:, 0]).tolist(), "macs": mean[:, 1].tolist(),
+              "confidence": mean[:, 2].tolist(), "true_class_confidence": mean[:, 3].tolist(),
+              "glimpses": mean[:, 4].tolist(), "episodes": episodes, "steps": steps, "action": env.action_mode,
+              "policy_macs_per_step": policy_macs,
+              "macs_parts": {"glance_encoder": env.macs["glance_encoder"], "focus_encoder": env.macs["focus_encoder"],
+                             "classifier": env.macs["classifier"], "policy": policy_macs}}
+    if record:
+        per_image = torch.cat(kept)
+        result["per_image"] = {"correct": per_image[:, :, 0].bool(), "macs": per_image[:, :, 1],
+                               "confidence": per_image[:, :, 2]}
+    return result
 
 
 def _measure(env: GlanceFocusVectorEnv, info: dict[str, torch.Tensor], policy_macs: torch.Tensor) -> torch.Tensor:
@@ -120,29 +159,151 @@ def _measure(env: GlanceFocusVectorEnv, info: dict[str, torch.Tensor], policy_ma
                         true_prob.double(), info["step"].double()])
 
 
+@torch.no_grad()
+def render_episodes(agent: AgentLike, env_kwargs: dict[str, Any], count: int, seed: int,
+                    device: str | torch.device = "cpu", split: str = "test") -> dict[str, Any]:
+    """Play the first ``count`` images of ``split`` with ``agent`` and draw them (``env.render_slot``): ``frames`` (one
+    (H, W, 3) uint8 picture per image, patches numbered in order), ``labels``, ``predictions`` and ``glimpses``."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}.")
+    env = GlanceFocusVectorEnv(num_envs=count, split=split, sampling="sequential", device=device,
+                               autoreset_mode=AutoresetMode.DISABLED, render_mode="rgb_array",
+                               **agent_env_kwargs(agent, env_kwargs))
+    _, info = _play_batch(agent, env, seed)
+    return {"frames": [env.render_slot(i) for i in range(count)], "labels": env.labels.tolist(),
+            "predictions": info["prediction"].tolist(), "glimpses": env.t.tolist()}
+
+
+def benchmark(make_agents: Callable[[int], dict[str, AgentLike]], env_kwargs: dict[str, Any], episodes: int,
+              seeds: Sequence[int], threshold_episodes: int = 0, num_envs: int = 250,
+              device: str | torch.device = "cpu", progress: bool = True,
+              score_fn: Callable[[dict[str, dict]], dict[str, list[float]]] | None = None,
+              split: str = "test") -> dict[str, dict]:
+    """``evaluate`` on ``split`` for every seed (``make_agents(seed)`` builds that seed's agents), summarised over
+    seeds.
+
+    With ``threshold_episodes`` > 0 each agent also plays the first that many train images, which fit the
+    budgeted batch classification thresholds (``gfenv.budgeted.budgeted_curve``; cost: each image's own cumulative
+    MACs at its exit step). ``score_fn(results)`` gives per-step scores per label (e.g. the oracle-normalised score).
+    Returns ``summarise_seeds`` of the per-seed results.
+    """
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise ValueError("Give at least one seed.")
+    if threshold_episodes < 0:
+        raise ValueError(f"threshold_episodes must be >= 0 (0: no budgeted evaluation), got {threshold_episodes}.")
+    per_seed: dict[int, dict[str, dict]] = {}
+    bar = None
+    try:
+        for seed in seeds:
+            agents = make_agents(seed)
+            if bar is None:
+                total = len(seeds) * len(agents) * (episodes + threshold_episodes)
+                bar = tqdm(total=total, unit="img", disable=not progress)
+            record = threshold_episodes > 0
+            results = evaluate(agents, env_kwargs, episodes, seed, num_envs, device, split=split, record=record,
+                               bar=bar)
+            if record:
+                train = evaluate(agents, env_kwargs, threshold_episodes, seed, num_envs, device, split="train",
+                                 record=True, bar=bar)
+                for label, result in results.items():
+                    test = result.pop("per_image")
+                    result["budgeted"] = budgeted_curve(train[label]["per_image"]["confidence"], test["confidence"],
+                                                        test["correct"], test["macs"])
+            if score_fn is not None:
+                for label, score in score_fn(results).items():
+                    results[label]["score"] = score
+            per_seed[seed] = results
+    finally:
+        if bar is not None:
+            bar.close()
+    return summarise_seeds(per_seed)
+
+
+def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
+    values = torch.tensor(rows, dtype=torch.float64)  # (seeds, T)
+    std = values.std(0) if len(rows) > 1 else torch.zeros(values.shape[1], dtype=torch.float64)
+    return values.mean(0).tolist(), std.tolist()
+
+
+def summarise_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Per agent label: the per-step lists (``accuracy``, ``macs``, ``confidence``, ``true_class_confidence``,
+    ``glimpses``, ``score``) averaged over seeds, ``accuracy_std``, ``macs_std``, ``score_std`` (sample std over
+    seeds, 0 for one seed), ``budgeted`` (per p: mean and std of ``macs`` and ``accuracy``), ``learned_stop``
+    (agents with a stop action: their own final (MACs, accuracy) point), ``seeds`` and ``per_seed`` (each seed's
+    ``accuracy``, ``macs``, ``score`` and full ``budgeted`` curve)."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    summary: dict[str, dict] = {}
+    for label, base in first.items():
+        runs = [per_seed[s][label] for s in seeds]
+        out = {k: v for k, v in base.items() if k not in (*PER_STEP_KEYS, "score", "budgeted", "per_image")}
+        for key in (*PER_STEP_KEYS, "score"):
+            if key in base:
+                out[key], std = _mean_std([r[key] for r in runs])
+                if key in SPREAD_KEYS:
+                    out[f"{key}_std"] = std
+        if "budgeted" in base:
+            points = []
+            for i, point in enumerate(base["budgeted"]):
+                macs, macs_std = _mean_std([[r["budgeted"][i]["macs"]] for r in runs])
+                acc, acc_std = _mean_std([[r["budgeted"][i]["accuracy"]] for r in runs])
+                points.append({"p": point["p"], "macs": macs[0], "macs_std": macs_std[0], "accuracy": acc[0],
+                               "accuracy_std": acc_std[0]})
+            out["budgeted"] = points
+        if base["action"] == "grid+stop":
+            out["learned_stop"] = {"macs": out["macs"][-1], "accuracy": out["accuracy"][-1],
+                                   "glimpses": out["glimpses"][-1]}
+        out["seeds"] = seeds
+        out["per_seed"] = {str(s): {k: r[k] for k in ("accuracy", "macs", "score", "budgeted") if k in r}
+                           for s, r in zip(seeds, runs)}
+        summary[label] = out
+    return summary
+
+
+def _cell(mean: float | None, std: float | None, fmt: str) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "-"
+    if std is None or not np.isfinite(std):
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """A text table: accuracy (%) per agent and glimpse, then cumulative MACs per image in millions."""
+    """A text table: accuracy (%) per agent and glimpse, then cumulative MACs per image in millions. Results over
+    several seeds (``summarise_seeds``) show mean ± std."""
     if not results:
         return "(no agents evaluated)"
     steps = max(len(r["accuracy"]) for r in results.values())
+    several = any(len(r.get("seeds", ())) > 1 for r in results.values())
 
-    def cells(values: list[float], fmt: str) -> list[str]:
-        return [format(v, fmt) for v in values] + [""] * (steps - len(values))
+    def cells(r: dict, key: str, fmt: str, scale: float = 1.0) -> list[str]:
+        std = r.get(f"{key}_std") if several else None
+        values = [_cell(None if m is None else m * scale, None if s is None else s * scale, fmt)
+                  for m, s in zip(r[key], std or [None] * len(r[key]))]
+        return values + [""] * (steps - len(values))
 
     header = ["accuracy (%)"] + [f"t={t}" for t in range(1, steps + 1)]
-    acc_rows = [[label, *cells(r["accuracy"], ".2f")] for label, r in results.items()]
-    macs = {label: [m / 1e6 for m in r["macs"]] for label, r in results.items()}
+    acc_rows = [[label, *cells(r, "accuracy", ".2f")] for label, r in results.items()]
+    macs = {label: cells(r, "macs", ".2f", 1e-6) for label, r in results.items()}
     if len({tuple(m) for m in macs.values()}) == 1:
-        mac_rows = [["MACs (M)", *cells(next(iter(macs.values())), ".2f")]]
+        mac_rows = [["MACs (M)", *next(iter(macs.values()))]]
     else:
-        mac_rows = [[f"MACs (M) {label}", *cells(m, ".2f")] for label, m in macs.items()]
-    table = [header, *acc_rows, *mac_rows]
+        mac_rows = [[f"MACs (M) {label}", *m] for label, m in macs.items()]
+    score_rows = [[f"score (%) {label}", *cells(r, "score", ".1f")] for label, r in results.items() if "score" in r]
+    table = [header, *acc_rows, *mac_rows, *score_rows]
     widths = [max(len(row[c]) for row in table) for c in range(steps + 1)]
 
     def line(row: list[str]) -> str:
         return "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]).rstrip()
 
     rule = "-" * len(line(header))
-    episodes = next(iter(results.values())).get("episodes", "?")
-    title = f"{episodes} test images; column t: after step t of the episode (t=1: the glance alone)"
-    return "\n".join([title, line(header), rule, *map(line, acc_rows), rule, *map(line, mac_rows)])
+    first = next(iter(results.values()))
+    seeds = first.get("seeds", ())
+    title = (f"{first.get('episodes', '?')} test images" + (f", mean ± std over seeds {', '.join(map(str, seeds))}"
+                                                             if several else "")
+             + "; column t: after step t of the episode (t=1: the glance alone)")
+    lines = [title, line(header), rule, *map(line, acc_rows), rule, *map(line, mac_rows)]
+    if score_rows:
+        lines += [rule, *map(line, score_rows)]
+    return "\n".join(lines)

@@ -1,12 +1,18 @@
-"""The evaluation CLI and library: the JSON contract, determinism, same images for every agent, early stops.
+"""The evaluation CLI and library: the JSON contract, determinism, same images for every agent, early stops, seeds,
+budgeted curves, the static reference, the Markdown leaderboard and the figures.
 
-Runs 20 test images per agent; the checks hold for any checkpoint (no accuracy thresholds).
+Runs 4-20 test images per agent; the checks hold for any checkpoint (no accuracy thresholds).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import types
+from pathlib import Path
 
+import gymnasium
+import matplotlib.image as mpimg
 import pytest
 import torch
 
@@ -107,3 +113,165 @@ def test_table_has_agent_rows_and_a_macs_row(report):
     lines = table.splitlines()
     assert any(line.startswith("oracle") for line in lines) and any(line.startswith("MACs (M)") for line in lines)
     assert "t=1" in table
+
+
+# ----------------------------------------------------------------------------------------- the benchmark over seeds
+BENCH = ["--agents", "random,center,oracle", "--seeds", "0,1", "--episodes", "12", "--num-envs", "6",
+         "--threshold-episodes", "12", "--no-progress"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_module(name: str, **functions) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for key, fn in functions.items():
+        setattr(module, key, fn)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[Path, dict, list]:
+    """Two seeds, budgeted thresholds on 12 train images, a (stand-in) static model, every output file."""
+    out = tmp_path_factory.mktemp("bench")
+    calls = []
+
+    def evaluate_static(checkpoint, env_kwargs, episodes, device="cpu", split="test"):
+        calls.append((str(checkpoint), episodes, split))
+        return {"accuracy": 88.0, "macs": 25_000_000, "episodes": episodes}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "gfenv.static", fake_module("gfenv.static", evaluate_static=evaluate_static))
+        assert evaluate_agent.main([*BENCH, "--static", "static.pt", "--json", str(out / "bench.json"),
+                                    "--markdown", str(out / "bench.md"), "--plots", str(out / "plots"),
+                                    "--pictures", str(out / "patches.png"), "--picture-images", "2"]) == 0
+    return out, json.loads((out / "bench.json").read_text()), calls
+
+
+def test_several_seeds_report_the_mean_the_spread_and_each_seed(bench):
+    _, data, _ = bench
+    assert data["seeds"] == [0, 1] and data["seed"] == 0 and data["threshold_episodes"] == 12
+    for label, result in data["agents"].items():
+        steps = result["steps"]
+        for key in ("accuracy", "accuracy_std", "macs", "macs_std", "score", "score_std", "confidence"):
+            assert len(result[key]) == steps, (label, key)
+        assert result["seeds"] == [0, 1] and set(result["per_seed"]) == {"0", "1"}
+        runs = [result["per_seed"][s] for s in ("0", "1")]
+        for t in range(steps):
+            assert result["accuracy"][t] == pytest.approx((runs[0]["accuracy"][t] + runs[1]["accuracy"][t]) / 2)
+    assert data["agents"]["center"]["accuracy_std"] == [0.0] * data["agents"]["center"]["steps"]
+
+
+def test_the_score_is_zero_for_random_and_100_for_the_oracle(bench):
+    agents = bench[1]["agents"]
+    assert agents["random"]["score"][0] is None  # step 1 is the glance: oracle and random tie
+    for t in range(1, agents["random"]["steps"]):
+        if agents["oracle"]["accuracy"][t] != agents["random"]["accuracy"][t]:
+            assert agents["random"]["score"][t] == pytest.approx(0.0)
+            assert agents["oracle"]["score"][t] == pytest.approx(100.0)
+
+
+def test_budgeted_curves_have_39_points_per_seed_and_their_mean(bench):
+    for result in bench[1]["agents"].values():
+        assert len(result["budgeted"]) == 39
+        assert {"p", "macs", "macs_std", "accuracy", "accuracy_std"} <= set(result["budgeted"][0])
+        for run in result["per_seed"].values():
+            assert len(run["budgeted"]) == 39 and len(run["budgeted"][0]["thresholds"]) == result["steps"]
+            assert run["budgeted"][0]["thresholds"][-1] is None  # -inf in JSON
+        costs = [p["macs"] for p in result["budgeted"]]
+        assert result["macs"][0] <= min(costs) and max(costs) <= result["macs"][-1]
+
+
+def test_the_static_reference_is_evaluated_once_on_the_same_test_images(bench):
+    out, data, calls = bench
+    assert calls == [("static.pt", 12, "test")]
+    assert data["static"] == {"checkpoint": "static.pt", "accuracy": 88.0, "macs": 25_000_000, "episodes": 12}
+    assert "static (full image)" in (out / "bench.md").read_text()
+
+
+def test_markdown_leaderboard_has_the_zoo_columns_and_a_row_per_agent(bench):
+    text = (bench[0] / "bench.md").read_text()
+    assert "|algo" in text and "|env_id" in text and "score_std" in text and "MACs (M)" in text
+    rows = [line for line in text.splitlines() if line.startswith("|") and "gfenv/GlanceFocus-v0" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["random", "center", "oracle", "static (full image)"]
+    assert "Budgeted batch classification" in text and "t=1" in text
+
+
+def test_plots_and_pictures_are_png_files(bench):
+    out = bench[0]
+    for path in (out / "plots" / "anytime.png", out / "plots" / "budgeted.png", out / "patches.png"):
+        assert path.stat().st_size > 0 and path.read_bytes()[:8] == PNG_SIGNATURE
+        assert mpimg.imread(path).ndim == 3
+
+
+def test_seed_and_seeds_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        evaluate_agent.main(["--seed", "1", "--seeds", "0,1"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def _fake_runs(root: Path, seeds: tuple[int, ...], env: str = "gfenv/GlanceFocus-v0") -> None:
+    for seed in seeds:
+        (root / f"run_s{seed}").mkdir(parents=True)
+        (root / f"run_s{seed}" / "config.yml").write_text(f"agent: ppo\nenv: {env}\ntimesteps: 1000\n")
+
+
+def test_a_run_dir_template_loads_each_seed_s_own_run(tmp_path, monkeypatch, capsys):
+    _fake_runs(tmp_path, (0, 1))
+    loaded = []
+
+    def fake_load(path, device="cpu"):
+        loaded.append(Path(path).name)
+        return make_agent("center")
+
+    monkeypatch.setattr(evaluate_agent, "load_agent", fake_load)
+    out = tmp_path / "eval.json"
+    args = ["--episodes", "4", "--num-envs", "4", "--threshold-episodes", "0", "--no-progress"]
+    assert evaluate_agent.main(["--agents", f"mine={tmp_path}/run_s{{seed}}", "--seeds", "0,1", *args,
+                                "--json", str(out)]) == 0
+    assert loaded == ["run_s0", "run_s1"]
+    mine = json.loads(out.read_text())["agents"]["mine"]
+    assert mine["run_dirs"] == [str(tmp_path / "run_s0"), str(tmp_path / "run_s1")] and mine["n_timesteps"] == 1000
+    assert "budgeted" not in mine and "score" not in mine
+    assert evaluate_agent.main(["--agents", f"mine={tmp_path}/run_s{{seed}}", "--seeds", "0,2", *args]) == 2
+    assert "run_s2" in capsys.readouterr().err
+
+
+@pytest.fixture
+def extra_envs():
+    """A short-episode variant of the default task, and one whose checkpoint is missing."""
+    ids = {"gfenv/ShortTest-v0": {"steps": 3}, "gfenv/MissingTest-v0": {"checkpoint": "/nonexistent/model.pt"}}
+    for env_id, kwargs in ids.items():
+        gymnasium.register(env_id, entry_point="gfenv.env:GlanceFocusEnv",
+                           vector_entry_point="gfenv.env:GlanceFocusVectorEnv", kwargs=kwargs)
+    yield list(ids)
+    for env_id in ids:
+        gymnasium.registry.pop(env_id)
+
+
+def test_leaderboard_has_a_row_per_agent_and_env_and_skips_what_is_missing(tmp_path, extra_envs, monkeypatch):
+    _fake_runs(tmp_path, (0,), env="gfenv/ShortTest-v0")
+    monkeypatch.setattr(evaluate_agent, "load_agent", lambda path, device="cpu": make_agent("center"))
+    envs = ",".join(["gfenv/GlanceFocus-v0", *extra_envs])
+    md = tmp_path / "board.md"
+    assert evaluate_agent.main(["--leaderboard", "--envs", envs, "--agents", f"center,mine={tmp_path}/run_s{{seed}}",
+                                "--episodes", "4", "--num-envs", "4", "--threshold-episodes", "0", "--no-progress",
+                                "--markdown", str(md)]) == 0
+    text = md.read_text()
+    rows = {(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in text.splitlines()
+            if r.startswith("|") and "gfenv/" in r}
+    assert rows == {(a, e) for a in ("random", "oracle", "center") for e in ("gfenv/GlanceFocus-v0",
+                                                                              "gfenv/ShortTest-v0")} | {
+        ("mine", "gfenv/ShortTest-v0")}
+    assert "gfenv/MissingTest-v0" in text and "mine on gfenv/GlanceFocus-v0" in text  # the skipped, with reasons
+
+
+def test_gfnet_checkpoint_report_is_printed_and_its_errors_exit_2(monkeypatch, capsys):
+    def report(path, data_root=None, device="cpu"):
+        if path == "bad.pth.tar":
+            raise ValueError("not a GFNet checkpoint")
+        return f"report of {path} on {data_root} ({device})"
+
+    monkeypatch.setitem(sys.modules, "gfenv.official", fake_module("gfenv.official", gfnet_checkpoint_report=report))
+    assert evaluate_agent.main(["--gfnet-checkpoint", "r50.pth.tar", "--data-root", "/data/imagenet"]) == 0
+    assert "report of r50.pth.tar on /data/imagenet (cpu)" in capsys.readouterr().out
+    assert evaluate_agent.main(["--gfnet-checkpoint", "bad.pth.tar"]) == 2
+    assert "error: not a GFNet checkpoint" in capsys.readouterr().err
