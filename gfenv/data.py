@@ -153,6 +153,11 @@ class GlyphSource(ImageSource):
         self._split_id = SPLITS.index(split) if split in SPLITS else 0
         gen = torch.Generator().manual_seed(seed)
         self.noise_bank = torch.randn(16, canvas, canvas, generator=gen).to(self.device)  # (16, H, W)
+        # a wrapped-around window of a noise field is a plain strided window of the field tiled 2 x 2: the view
+        # windows[k] is the H x W window (row stride 2W) that starts at flat offset k of the tiled fields
+        tiled = torch.cat([self.noise_bank.repeat(1, 2, 2).reshape(-1), self.noise_bank.new_zeros(2 * canvas * canvas)])
+        starts = tiled.numel() - 2 * canvas * canvas
+        self._noise_windows = tiled.as_strided((starts, canvas, canvas), (1, 2 * canvas, 1))
 
     def __len__(self) -> int:
         return self.size
@@ -169,15 +174,14 @@ class GlyphSource(ImageSource):
         """Draw a size x size window (offset off_y/off_x inside a glyph of class cls) at (top, left); max-blend."""
         b, n = canvas.shape[0], self.canvas
         r = torch.arange(size, device=self.device)
-        gu = (r[None, :, None] + off_y[:, None, None]).expand(b, size, size)  # (B, s, s)
-        gv = (r[None, None, :] + off_x[:, None, None]).expand(b, size, size)  # (B, s, s)
-        s = self.silhouettes.shape[-1]
-        mask = self.silhouettes.reshape(-1, s * s)[shape[:, None, None], gu * s + gv]
-        t = self.textures.shape[-1]
-        tex = self.textures.reshape(-1, t * t)[cls[:, None, None],
-                                               (gu + phase[:, 0, None, None]) * t + gv + phase[:, 1, None, None]]
+        s, t = self.silhouettes.shape[-1], self.textures.shape[-1]
+        # flat indices built from (B, s, 1) + (1, 1, s) pieces; torch.take reads them in one pass
+        mask_rows = (shape * (s * s) + off_y * s + off_x)[:, None, None] + r[None, :, None] * s  # (B, s, 1)
+        mask = torch.take(self.silhouettes, mask_rows + r[None, None, :])
+        tex_rows = (cls * (t * t) + (off_y + phase[:, 0]) * t + off_x + phase[:, 1])[:, None, None] + r[:, None] * t
+        tex = torch.take(self.textures, tex_rows + r[None, None, :])
         value = contrast[:, None, None] * (0.3 + 0.7 * tex) * mask  # (B, s, s)
-        flat = (top[:, None, None] + r[None, :, None]) * n + left[:, None, None] + r[None, None, :]
+        flat = (top * n + left)[:, None, None] + (r[:, None] * n + r[None, :])[None]
         canvas.scatter_reduce_(1, flat.reshape(b, -1), value.reshape(b, -1), reduce="amax")
 
     @torch.no_grad()
@@ -199,14 +203,12 @@ class GlyphSource(ImageSource):
                         (qk[:, 6:8] * 4).long(), 0.5 + 0.5 * qk[:, 8])
         # noise: a shifted window of one of a few fixed noise fields, so every image's noise is its own
         nb = self.noise_bank.shape[0]
-        ys = torch.arange(n, device=self.device)
         bank = (p[:, 5] * nb).long().clamp_(max=nb - 1)
         dy, dx = (p[:, 6] * n).long(), (p[:, 7] * n).long()
-        rows = (ys[None, :] + dy[:, None]) % n  # (B, n)
-        cols = (ys[None, :] + dx[:, None]) % n  # (B, n)
-        idx = bank[:, None, None] * (n * n) + rows[:, :, None] * n + cols[:, None, :]
+        start = bank * (4 * n * n) + dy * (2 * n) + dx  # noise[y, x] = field[(y + dy) % n, (x + dx) % n]
+        noise = self._noise_windows.index_select(0, start)  # (B, n, n): one strided copy, no per-pixel index
         sign = (p[:, 8] < 0.5).float() * 2 - 1
-        canvas = canvas.view(b, n, n) + self.noise * sign[:, None, None] * self.noise_bank.view(-1)[idx]
+        canvas = canvas.view(b, n, n) + self.noise * sign[:, None, None] * noise
         return canvas.clamp_(0.0, 1.0).unsqueeze(1), labels  # (B, 1, H, W), (B,)
 
 

@@ -18,6 +18,7 @@ from gymnasium.vector import VectorEnv
 from gymnasium.vector.utils import batch_space
 from gymnasium.vector.vector_env import AutoresetMode
 
+from gfenv.cache import CACHE_MODES, FeatureCache
 from gfenv.checkpoint import load_model
 from gfenv.data import DATASETS, make_source
 from gfenv.flops import model_macs
@@ -112,6 +113,7 @@ class GlanceFocusVectorEnv(VectorEnv):
                  reward: str | RewardFn = "confidence_gain", mac_cost: float = 0.0, sampling: str = "random",
                  device: str | torch.device = "cpu", seed: int | None = None, render_mode: str | None = None,
                  autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
+                 cache: str | None = None, cache_dir: str | Path | None = None, cache_images: int | None = None,
                  model=None, source=None):
         if action not in ACTION_MODES:
             raise ValueError(f"Unknown action mode {action!r}; choose one of {ACTION_MODES}.")
@@ -119,6 +121,12 @@ class GlanceFocusVectorEnv(VectorEnv):
             raise ValueError(f"Unknown observation mode {observation!r}; choose one of {OBSERVATION_MODES}.")
         if sampling not in ("random", "sequential"):
             raise ValueError(f"Unknown sampling {sampling!r}; choose 'random' or 'sequential'.")
+        if cache is not None:
+            if cache not in CACHE_MODES:
+                raise ValueError(f"Unknown cache {cache!r}; choose one of {CACHE_MODES}, or None for live encoders.")
+            if action == "continuous":
+                raise ValueError("The feature cache holds the grid cells' features: use action='grid' (or "
+                                 "'grid+stop') with cache, or cache=None for continuous actions.")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"Unknown render_mode {render_mode!r}; the env supports 'rgb_array'.")
         if dataset not in DATASETS:
@@ -154,7 +162,16 @@ class GlanceFocusVectorEnv(VectorEnv):
                              f"(an episode is T - 1 = {self.steps - 1} focus steps); set steps instead.")
         self.grid = int(grid)
         self.reward_fn = Reward(reward, mac_cost)
+        if cache is not None and self.reward_fn.needs_random:
+            raise ValueError(f"Reward {self.reward_fn.name!r} compares with a random continuous glimpse, which the "
+                             "feature cache does not hold; use cache=None with it.")
         self.corners = grid_corners(self.grid, h, w, self.patch_size, self.device)  # (G*G, 2)
+        self._span = (max(h - self.patch_size, 1), max(w - self.patch_size, 1))
+        self.cache = None
+        if cache is not None:
+            self.cache = FeatureCache.build(self.model, self.source, self.corners, self.patch_size, cache_images,
+                                            cache, cache_dir, with_cell_maps=observation == "gfnet")
+        self._num_images = len(self.cache) if self.cache is not None else len(self.source)
 
         macs = model_macs(self.model, self.source.image_shape)
         self.macs = {k: int(v) for k, v in macs.items()}
@@ -173,10 +190,13 @@ class GlanceFocusVectorEnv(VectorEnv):
         self._gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,)).item()))
         self._cursor = 0
         self._lockstep = action != "grid+stop"
+        # on CUDA, early-stopped slots are reset by masks over all slots (no nonzero(): no device->host sync)
+        self._masked_resets = self.device.type == "cuda" and sampling == "random"
         self._t_host = 0
         n, dev = self.num_envs, self.device
         self.images = torch.zeros(n, c, h, w, device=dev)
         self.labels = torch.zeros(n, dtype=torch.long, device=dev)
+        self.index = torch.zeros(n, dtype=torch.long, device=dev)  # the image's index in the split
         self.t = torch.zeros(n, dtype=torch.long, device=dev)
         self.memory = torch.zeros(n, self.state_dim, device=dev)
         self.probs = torch.full((n, self.num_classes), 1.0 / self.num_classes, device=dev)
@@ -219,36 +239,51 @@ class GlanceFocusVectorEnv(VectorEnv):
     # --------------------------------------------------------------------------------------------- internals
     def _draw(self, count: int) -> torch.Tensor:
         if self.sampling == "sequential":
-            idx = (self._cursor + torch.arange(count, device=self.device)) % len(self.source)
-            self._cursor = (self._cursor + count) % len(self.source)
+            idx = (self._cursor + torch.arange(count, device=self.device)) % self._num_images
+            self._cursor = (self._cursor + count) % self._num_images
             return idx
-        return torch.randint(len(self.source), (count,), generator=self._gen, device=self.device)
+        return torch.randint(self._num_images, (count,), generator=self._gen, device=self.device)
 
     @torch.no_grad()
-    def _reset_slots(self, rows: torch.Tensor | None) -> None:
-        """Start new episodes in ``rows`` (all slots when None): draw images, take the glance."""
+    def _reset_slots(self, rows: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
+        """Start new episodes in ``rows`` (all slots when None), or in the slots where ``mask`` is True (computed for
+        every slot, kept where the mask says: no host sync): draw images, take the glance."""
         count = self.num_envs if rows is None else rows.numel()
-        images, labels = self.source.get(self._draw(count))
-        check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
+        idx = self._draw(count)
+        if self.cache is not None:
+            labels = self.cache.take("labels", idx)
+            feats, fmap = self.cache.take("glance_features", idx), self.cache.take("glance_maps", idx)
+            values = {}
+        else:
+            images, labels = self.source.get(idx)
+            check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
+            g = glance(images, self.patch_size, self.model.config.glance_mode)
+            feats, fmap = self.model.glance_encoder(g)
+            values = {"images": images}
         if labels.numel():
             _check_labels(labels, self.num_classes)
-        g = glance(images, self.patch_size, self.model.config.glance_mode)
-        feats, fmap = self.model.glance_encoder(g)
         memory = self.model.classifier.init_state(count, device=self.device)
         logits, memory = self.model.classifier.step(feats, memory, 0)
-        values = {"images": images, "labels": labels, "memory": memory, "probs": logits.float().softmax(1),
-                  "glance_map": fmap, "last_map": fmap, "last_features": feats}
+        values.update({"index": idx, "labels": labels, "memory": memory, "probs": logits.float().softmax(1),
+                       "glance_map": fmap, "last_map": fmap, "last_features": feats})
+        fills = {"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1}
         for name, v in values.items():
-            if rows is None:
-                getattr(self, name).copy_(v)
+            target = getattr(self, name)
+            v = v.to(target.dtype)
+            if mask is not None:
+                target.copy_(torch.where(mask.view(-1, *[1] * (v.dim() - 1)), v, target))
+            elif rows is None:
+                target.copy_(v)
             else:
-                getattr(self, name)[rows] = v.to(getattr(self, name).dtype)
-        for name, v in (("t", 1), ("visited", False), ("done", False), ("cum_macs", float(self.glance_macs)),
-                        ("history", -1)):
-            if rows is None:
-                getattr(self, name).fill_(v)
+                target[rows] = v
+        for name, v in fills.items():
+            target = getattr(self, name)
+            if mask is not None:
+                target.masked_fill_(mask.view(-1, *[1] * (target.dim() - 1)), v)
+            elif rows is None:
+                target.fill_(v)
             else:
-                getattr(self, name)[rows] = v
+                target[rows] = v
         self._cell_features = None
 
     def _observation(self) -> Any:
@@ -278,10 +313,9 @@ class GlanceFocusVectorEnv(VectorEnv):
             check_finite(a, "Action contains NaN or inf; a continuous action is a location in [-1, 1]^2.")
             loc = (a.clamp(-1.0, 1.0) + 1.0) / 2.0  # (N, 2) in GFNet's [0, 1]^2, order (y, x)
             corners = location_to_corner(loc, self.height, self.width, self.patch_size)
-            span = torch.tensor([max(self.height - self.patch_size, 1), max(self.width - self.patch_size, 1)],
-                                device=self.device)
-            ij = (corners.float() / span * (self.grid - 1)).round().long()
-            return corners, ij[:, 0] * self.grid + ij[:, 1], None
+            i = (corners[:, 0].float() / self._span[0] * (self.grid - 1)).round().long()
+            j = (corners[:, 1].float() / self._span[1] * (self.grid - 1)).round().long()
+            return corners, i * self.grid + j, None
         a = _as_tensor(actions, torch.long, self.device).reshape(n)
         n_actions = self.single_action_space.n
         if a.device.type == "cpu":
@@ -301,6 +335,14 @@ class GlanceFocusVectorEnv(VectorEnv):
         feats, fmap = self.model.focus_encoder(patches)
         logits, memory = self.model.classifier.step(feats, memory, t)
         return feats, fmap, logits.float().softmax(1), memory
+
+    def _focus(self, corners: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The focus encoder's pooled features (N, D) and spatial map (N, D, h, w) of the chosen patches: live, or
+        gathered from the feature cache (the map only where it is cached, i.e. for observation="gfnet")."""
+        if self.cache is None:
+            return self.model.focus_encoder(crop(self.images, corners, self.patch_size))
+        fmap = self.cache.take("cell_maps", self.index, cell) if "cell_maps" in self.cache.tensors else None
+        return self.cache.take("cell_features", self.index, cell), fmap
 
     # ------------------------------------------------------------------------------------------------ the API
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
@@ -328,15 +370,14 @@ class GlanceFocusVectorEnv(VectorEnv):
         if not self._lockstep:
             idle = self.done.clone()  # finished slots: reset now (NEXT_STEP) or left as they are; they do not move
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
-                rows = idle.nonzero().squeeze(1)
-                if rows.numel():
-                    self._reset_slots(rows)
+                self._reset_where(idle)
         corners, cell, stop = self._actions_to_corners(actions)
-        patches = crop(self.images, corners, self.patch_size)  # (N, C, P, P)
+        feats, fmap = self._focus(corners, cell)
         if self._lockstep:
-            feats, fmap, probs, memory = self._classify(patches, self.memory, self._t_host)
+            logits, memory = self.model.classifier.step(feats, self.memory, self._t_host)
         else:
-            feats, fmap, probs, memory = self._per_slot_classify(patches)
+            logits, memory = self._per_slot_classify(feats)
+        probs = logits.float().softmax(1)
         moving = torch.ones(n, dtype=torch.bool, device=dev) if stop is None else ~stop
         if idle is not None:
             moving = moving & ~idle
@@ -355,7 +396,8 @@ class GlanceFocusVectorEnv(VectorEnv):
         self.memory = torch.where(m, memory, self.memory)
         self.probs = probs_after
         self.last_features = torch.where(m, feats, self.last_features)
-        self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
+        if fmap is not None:
+            self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
         rows = torch.arange(n, device=dev)
         self.visited[rows, cell] |= moving
         slot = (self.t - 1).clamp(0, self.steps - 2)
@@ -367,7 +409,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         terminated, truncated = done.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
         obs, info = self._observation(), self._info()
         if self.autoreset_mode == AutoresetMode.SAME_STEP:
-            any_done = (self._t_host >= self.steps) if self._lockstep else bool(done.any())
+            any_done = (self._t_host >= self.steps) if self._lockstep else (self._masked_resets or bool(done.any()))
             if any_done:
                 info["final_obs"] = obs
                 info["final_info"] = info.copy()
@@ -377,14 +419,22 @@ class GlanceFocusVectorEnv(VectorEnv):
                     self._reset_slots(None)
                     self._t_host = 1
                 else:
-                    self._reset_slots(done.nonzero().squeeze(1))
+                    self._reset_where(done)
                 obs = self._observation()
                 info.update(self._info())
         return obs, reward, terminated, truncated, info
 
-    def _per_slot_classify(self, patches: torch.Tensor):
+    def _reset_where(self, mask: torch.Tensor) -> None:
+        """Reset the slots where ``mask`` is True: by masks on CUDA (no sync), by their row indices elsewhere."""
+        if self._masked_resets:
+            self._reset_slots(None, mask=mask)
+            return
+        rows = mask.nonzero().squeeze(1)
+        if rows.numel():
+            self._reset_slots(rows)
+
+    def _per_slot_classify(self, feats: torch.Tensor):
         """Classifier step with a per-slot step index (episodes out of lockstep, e.g. after early stops)."""
-        feats, fmap = self.model.focus_encoder(patches)
         if self.model.config.classifier == "gru":
             logits, memory = self.model.classifier.step(feats, self.memory, 1)
         else:
@@ -395,7 +445,7 @@ class GlanceFocusVectorEnv(VectorEnv):
                 lg, mem = self.model.classifier.step(feats, self.memory, t)
                 logits = torch.where(rows[:, None], lg, logits)
                 memory = torch.where(rows[:, None], mem, memory)
-        return feats, fmap, logits.float().softmax(1), memory
+        return logits, memory
 
     @torch.no_grad()
     def _random_glimpse_probs(self) -> torch.Tensor:
@@ -419,7 +469,9 @@ class GlanceFocusVectorEnv(VectorEnv):
         Privileged information (it uses the labels): the ``oracle`` baseline's upper reference.
         """
         n, cells = self.num_envs, self.grid * self.grid
-        if self._cell_features is None or self._cell_features.shape[0] != n:
+        if self.cache is not None:
+            self._cell_features = self.cache.take("cell_features", self.index)
+        elif self._cell_features is None or self._cell_features.shape[0] != n:
             rep = self.images.repeat_interleave(cells, 0)
             feats, _ = self.model.focus_encoder(crop(rep, self.corners.repeat(n, 1), self.patch_size))
             self._cell_features = feats.reshape(n, cells, -1)  # (N, G*G, D)
@@ -439,7 +491,8 @@ class GlanceFocusVectorEnv(VectorEnv):
         """(H, W, 3) uint8: slot i's image with its focus patches drawn as boxes numbered in order."""
         from torchvision.utils import draw_bounding_boxes
 
-        img = self.images[i].detach().float().cpu().clamp(0, 1)
+        image = self.images[i] if self.cache is None else self.source.get(self.index[i:i + 1])[0][0]
+        img = image.detach().float().cpu().clamp(0, 1)
         img = (img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]).mul(255).to(torch.uint8)
         hist = self.history[i].cpu()
         hist = hist[hist[:, 0] >= 0]

@@ -40,9 +40,8 @@ def location_to_corner(location: torch.Tensor, height: int, width: int, patch_si
     corner = (floor(a_y * (H - P)), floor(a_x * (W - P))); values outside [0, 1] are clipped, as GFNet clips its
     sampled actions.
     """
-    loc = location.clamp(0.0, 1.0)
-    scale = torch.tensor([height - patch_size, width - patch_size], dtype=loc.dtype, device=loc.device)
-    return torch.floor(loc * scale).long()  # (B, 2)
+    loc = location.clamp(0.0, 1.0)  # python-number scales: no host->device copy, so no sync on CUDA
+    return torch.stack([loc[:, 0] * (height - patch_size), loc[:, 1] * (width - patch_size)], 1).floor().long()
 
 
 def grid_corners(grid: int, height: int, width: int, patch_size: int, device=None) -> torch.Tensor:

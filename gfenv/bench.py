@@ -1,0 +1,286 @@
+"""How fast the environment steps, side by side in one run: ``python -m gfenv.bench [--device cpu|cuda] --json PATH``.
+
+Every figure is in env steps per second (one step = one slot's transition) on the default task with grid actions and
+SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset inside the last one):
+
+- ``batched``: ``GlanceFocusVectorEnv`` with live encoders, N slots stepped by one set of tensor ops;
+- ``per_env``: SB3's ``DummyVecEnv`` over N single ``GlanceFocusEnv`` doing the same work one image at a time;
+- ``floor``: the bare encoder and classifier forwards a live step cannot avoid, on the same batch shapes (per episode:
+  one glance encoder + T - 1 focus encoder passes + T classifier steps), as equivalent env steps per second;
+- ``cached``: the cached-feature mode (``cache="memory"``: a gather and the classifier step);
+- ``sb3_ppo``: PPO's collect + train through the SB3 adapter (the project's ppo hyperparameters), env steps per second;
+- ratios ``batched_over_per_env``, ``floor_over_batched`` (step time / floor time) and ``cached_over_batched``.
+
+Each figure is the median of ``--repeats`` timed runs after a warm-up; the thread count is printed. ``--memory``
+(CUDA) adds the peak GPU memory of a stage-1 training step of GFNet's ImageNet setting (ResNet-50, P = 96, T = 5,
+effective batch 256) under several memory settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector.vector_env import AutoresetMode
+
+from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
+from gfenv.glimpse import crop, glance
+
+KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _random_cells(env: GlanceFocusVectorEnv, steps: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator(device=env.device).manual_seed(seed)
+    return [torch.randint(env.grid * env.grid, (env.num_envs,), generator=gen, device=env.device)
+            for _ in range(steps)]
+
+
+def bench_vector_env(env: GlanceFocusVectorEnv, episodes: int, repeats: int) -> dict[str, Any]:
+    """Steps per second of a batched env stepped with random grid actions for ``episodes`` episodes per repeat."""
+    steps = episodes * (env.steps - 1)
+    actions = _random_cells(env, steps, 0)
+    env.reset(seed=0)
+
+    def run():
+        for a in actions:
+            env.step(a)
+
+    times = timed(run, repeats, env.device)
+    return {"steps_per_s": env.num_envs * steps / statistics.median(times), "seconds": times,
+            "steps_per_repeat": env.num_envs * steps}
+
+
+def bench_per_env(template: GlanceFocusVectorEnv, num_envs: int, episodes: int, repeats: int) -> dict[str, Any]:
+    """SB3's DummyVecEnv over ``num_envs`` single envs (sharing the model and the image source)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    def make(i: int):
+        return lambda: GlanceFocusEnv(model=template.model, source=template.source, action="grid", seed=i,
+                                      device=template.device)
+
+    venv = DummyVecEnv([make(i) for i in range(num_envs)])
+    venv.seed(0)
+    venv.reset()
+    steps = episodes * (template.steps - 1)
+    rng = np.random.default_rng(0)
+    actions = [rng.integers(template.grid ** 2, size=num_envs) for _ in range(steps)]
+
+    def run():
+        for a in actions:
+            venv.step(a)
+
+    times = timed(run, repeats, template.device)
+    return {"steps_per_s": num_envs * steps / statistics.median(times), "seconds": times,
+            "steps_per_repeat": num_envs * steps}
+
+
+@torch.no_grad()
+def bench_floor(env: GlanceFocusVectorEnv, repeats: int, episodes: int) -> dict[str, Any]:
+    """The encoder and classifier forwards of ``episodes`` episodes on pre-made inputs, as env steps per second."""
+    model, n, p = env.model, env.num_envs, env.patch_size
+    images, _ = env.source.get(torch.arange(n, device=env.device) % len(env.source))
+    glance_in = glance(images, p, model.config.glance_mode)
+    cells = _random_cells(env, env.steps - 1, 1)
+    patches = [crop(images, env.corners[c], p) for c in cells]
+
+    def run():
+        for _ in range(episodes):
+            feats, _ = model.glance_encoder(glance_in)
+            memory = model.classifier.init_state(n, device=env.device)
+            logits, memory = model.classifier.step(feats, memory, 0)
+            logits.float().softmax(1)
+            for t, x in enumerate(patches, start=1):
+                feats, _ = model.focus_encoder(x)
+                logits, memory = model.classifier.step(feats, memory, t)
+                logits.float().softmax(1)
+
+    times = timed(run, repeats, env.device)
+    steps = episodes * (env.steps - 1) * n
+    return {"steps_per_s": steps / statistics.median(times), "seconds": times, "steps_per_repeat": steps}
+
+
+def bench_sb3_ppo(num_envs: int, device: str, rollouts: int, repeats: int) -> dict[str, Any]:
+    """PPO collect + train (hyperparams/ppo.yml for the default task) through the SB3 adapter."""
+    from agents.sb3_agents import build_sb3_agent
+    from agents.training import load_hyperparams
+
+    hp = load_hyperparams("ppo")
+    env_kwargs = hp.pop("env_kwargs", {})
+    for key in ("n_envs", "n_timesteps"):
+        hp.pop(key, None)
+    agent = build_sb3_agent("ppo", env_kwargs, num_envs=num_envs, seed=0, device=device, hyperparams=hp)
+    per_rollout = num_envs * agent.model.n_steps
+    times = timed(lambda: agent.learn(rollouts * per_rollout), repeats, torch.device(device))
+    return {"steps_per_s": rollouts * per_rollout / statistics.median(times), "seconds": times,
+            "steps_per_repeat": rollouts * per_rollout, "policy_device": str(agent.model.device)}
+
+
+def memory_settings() -> dict[str, dict[str, Any]]:
+    """Stage-1 settings for the memory figure: (autocast dtype, activation checkpointing, micro-batches, NHWC)."""
+    return {"fp32": {"amp": "none", "grad_checkpointing": False, "accum_steps": 1, "channels_last": False},
+            "bf16": {"amp": "bf16", "grad_checkpointing": False, "accum_steps": 1, "channels_last": False},
+            "bf16+ckpt": {"amp": "bf16", "grad_checkpointing": True, "accum_steps": 1, "channels_last": True},
+            "low_memory": {"amp": "bf16", "grad_checkpointing": True, "accum_steps": 4, "channels_last": True}}
+
+
+def bench_memory(device: torch.device, batch_size: int = 256, image_size: int = 224, patch_size: int = 96,
+                 steps: int = 5, backbone: str = "resnet50", iterations: int = 2,
+                 settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Peak GPU memory (GiB) of stage-1 training steps (forward, backward, SGD step) per memory setting."""
+    from gfenv.models import GFNetModel, ModelConfig
+    from gfenv.training import autocast_dtype, stage1_loss
+
+    if device.type != "cuda":
+        raise ValueError("--memory measures CUDA memory: run it with --device cuda.")
+    out = {}
+    for name, s in (settings or memory_settings()).items():
+        torch.cuda.empty_cache()
+        model = GFNetModel(ModelConfig(num_classes=1000, in_channels=3, patch_size=patch_size, steps=steps,
+                                       backbone=backbone)).to(device)
+        if s["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        gen = torch.Generator(device=device).manual_seed(0)
+        images = torch.rand(batch_size, 3, image_size, image_size, device=device, generator=gen)
+        if s["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(1000, (batch_size,), device=device, generator=gen)
+        dtype = autocast_dtype(s["amp"], device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            opt.zero_grad(set_to_none=True)
+            for x, y in zip(images.chunk(s["accum_steps"]), labels.chunk(s["accum_steps"])):
+                with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss, _ = stage1_loss(model, x, y, gen, 1.0, s["grad_checkpointing"])
+                (loss / s["accum_steps"]).backward()
+            opt.step()
+        torch.cuda.synchronize(device)
+        out[name] = {**s, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                     "seconds_per_iteration": (time.perf_counter() - t0) / iterations}
+        del model, opt, images, labels
+    return {"backbone": backbone, "patch_size": patch_size, "steps": steps, "batch_size": batch_size,
+            "image_size": image_size, "settings": out}
+
+
+def run(device: str = "cpu", num_envs: int = 256, repeats: int = 5, episodes: int = 2, threads: int | None = None,
+        cache_images: int = 1024, skip: tuple[str, ...] = (), memory: bool = False,
+        log: Callable[[str], Any] = print) -> dict[str, Any]:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    report: dict[str, Any] = {"device": str(dev), "num_envs": num_envs, "threads": torch.get_num_threads(),
+                              "repeats": repeats, "torch": torch.__version__, "machine": platform.processor() or
+                              platform.machine(), "task": "gfenv/GlanceFocus-v0 default task, action=grid"}
+    if dev.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(dev)
+    log(f"gfenv.bench on {dev} ({report.get('gpu', report['machine'])}), {report['threads']} torch threads, "
+        f"N = {num_envs}, median of {repeats}")
+    env = GlanceFocusVectorEnv(num_envs=num_envs, action="grid", seed=0, device=dev,
+                               autoreset_mode=AutoresetMode.SAME_STEP)
+    jobs: dict[str, Callable[[], dict[str, Any]]] = {
+        "batched": lambda: bench_vector_env(env, episodes, repeats),
+        "floor": lambda: bench_floor(env, repeats, episodes),
+        "per_env": lambda: bench_per_env(env, num_envs, 1, max(2, repeats // 2)),
+        "cached": lambda: bench_vector_env(GlanceFocusVectorEnv(
+            num_envs=num_envs, action="grid", seed=0, device=dev, autoreset_mode=AutoresetMode.SAME_STEP,
+            cache="memory", cache_images=max(cache_images, num_envs), model=env.model), episodes * 4, repeats),
+        "sb3_ppo": lambda: bench_sb3_ppo(num_envs, device, 1, max(2, repeats // 2)),
+    }
+    for key in KEYS:
+        if key in skip:
+            continue
+        result = jobs[key]()
+        report[key] = result["steps_per_s"]
+        report.setdefault("details", {})[key] = result
+        log(f"  {key:<8} {result['steps_per_s']:>12,.0f} steps/s")
+    ratios = {"batched_over_per_env": ("batched", "per_env", False), "floor_over_batched": ("batched", "floor", True),
+              "cached_over_batched": ("cached", "batched", False)}
+    for name, (a, b, inverse) in ratios.items():
+        if a in report and b in report:
+            report[name] = report[b] / report[a] if inverse else report[a] / report[b]
+    if memory:
+        report["memory"] = bench_memory(dev)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'measure':<22}{'value':>14}  unit"]
+    for key in KEYS:
+        if key in report:
+            lines.append(f"{key:<22}{report[key]:>14,.0f}  env steps/s")
+    targets = {"batched_over_per_env": ">= 30", "floor_over_batched": "<= 1.25", "cached_over_batched": ">= 20"}
+    for key, target in targets.items():
+        if key in report:
+            lines.append(f"{key:<22}{report[key]:>14.2f}  (target {target})")
+    if "memory" in report:
+        m = report["memory"]
+        lines.append(f"stage-1 peak memory, {m['backbone']} P={m['patch_size']} T={m['steps']} "
+                     f"batch {m['batch_size']} at {m['image_size']}px:")
+        for name, s in m["settings"].items():
+            lines.append(f"  {name:<20}{s['peak_gib']:>14.2f}  GiB  ({s['seconds_per_iteration']:.3f} s/iteration)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gfenv.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--num-envs", type=int, default=256, help="slots of the batched env (and single envs of per_env)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measure (the median is reported)")
+    p.add_argument("--episodes", type=int, default=2, help="episodes per timed run of batched and floor")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--cache-images", type=int, default=1024, help="images in the cached mode's feature cache")
+    p.add_argument("--skip", default="", help=f"comma-separated measures to leave out ({', '.join(KEYS)})")
+    p.add_argument("--memory", action="store_true", help="CUDA: peak memory of GFNet's ImageNet stage-1 settings")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    args = p.parse_args(argv)
+    skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    unknown = sorted(set(skip) - set(KEYS))
+    if unknown:
+        p.error(f"Unknown measure(s) {unknown} in --skip; valid: {', '.join(KEYS)}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False).")
+    if args.num_envs < 1 or args.repeats < 1 or args.episodes < 1:
+        p.error("--num-envs, --repeats and --episodes must be at least 1.")
+    report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cache_images, skip,
+                 args.memory, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""python -m gfenv.bench: every measure and ratio lands in the JSON, on a tiny setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gfenv import bench
+
+
+def test_bench_cli_writes_every_measure_and_ratio(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--num-envs", "4", "--repeats", "1", "--episodes", "1", "--cache-images", "8",
+                       "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for key in (*bench.KEYS, "batched_over_per_env", "floor_over_batched", "cached_over_batched"):
+        assert report[key] > 0, key
+    assert report["threads"] == 1 and report["num_envs"] == 4 and report["device"] == "cpu"
+    assert report["floor_over_batched"] == pytest.approx(report["floor"] / report["batched"])
+    assert report["details"]["batched"]["steps_per_repeat"] == 4 * 4  # N slots x (T - 1) steps
+    printed = capsys.readouterr().out
+    assert "batched_over_per_env" in printed and "target >= 30" in printed
+
+
+def test_bench_refuses_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--skip", "warp"])
+    assert "Unknown measure" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--device cuda"):
+        bench.bench_memory(bench.torch.device("cpu"))
