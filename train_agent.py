@@ -3,6 +3,9 @@
 Stage 1 (warm-up): encoders and classifier on uniformly random focus patches, e.g.
     python train_agent.py --stage 1 --env-kwargs dataset=glyphs --run-dir runs/stage1/glyphs
 The checkpoint it writes (``<run-dir>/model.pt``) is what the environment loads (``checkpoint=...``).
+Stages 1 and 3 also run data-parallel on N processes (NCCL on GPUs, Gloo on CPUs; --batch-size stays the global
+batch, rank 0 prints and writes), e.g.
+    torchrun --standalone --nproc_per_node=2 train_agent.py --stage 1 --device cuda --run-dir runs/stage1/glyphs
 
 Stage 2 (policy learning): a learned agent on the frozen stage-1 features, e.g.
     python train_agent.py --stage 2 --agent maskable_ppo --timesteps 200000
@@ -145,6 +148,7 @@ def main_job(args: argparse.Namespace) -> int:
 def stage3(args: argparse.Namespace) -> int:
     """``--stage 3 --run-dir RUN``: fine-tune the classifier on the glimpses of RUN's stage-2 agent."""
     from agents.learned import load_agent
+    from gfenv.distributed import distributed, is_main
     from gfenv.stage3 import Stage3Config, finetune
 
     if not args.run_dir:
@@ -159,14 +163,19 @@ def stage3(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        agent = load_agent(args.run_dir, device=args.device)
-        path = finetune(agent, parse_kv(args.env_kwargs), episodes, Stage3Config(seed=args.seed, **settings),
-                        seed=args.seed, device=args.device, progress=not args.no_progress,
-                        path=Path(args.run_dir) / "stage3" / "model.pt")
+        with distributed(args.device) as device:  # under torchrun: this process's group and device
+            agent = load_agent(args.run_dir, device=str(device))
+            path = finetune(agent, parse_kv(args.env_kwargs), episodes, Stage3Config(seed=args.seed, **settings),
+                            seed=args.seed, device=device, progress=not args.no_progress,
+                            path=Path(args.run_dir) / "stage3" / "model.pt")
+            main_process = is_main()
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"stage 3 checkpoint: {path} (evaluate with --env-kwargs checkpoint={path})")
+    except KeyboardInterrupt:
+        return 130
+    if main_process:
+        print(f"stage 3 checkpoint: {path} (evaluate with --env-kwargs checkpoint={path})")
     return 0
 
 

@@ -2,6 +2,10 @@
 
 ``Stage3Wrapper`` sits around a ``GlanceFocusVectorEnv`` under any agent; ``finetune`` runs a fixed agent on the train
 split and saves the result as a model checkpoint that the env loads with ``checkpoint=PATH``.
+
+Under ``torchrun --nproc_per_node=N`` (``gfenv.distributed``) the fine-tuning is data-parallel: each process runs
+its own env slots on its own seed with its own copy of the (fixed) policy, the gradient steps on the episodes
+collected are averaged over the processes by DistributedDataParallel, and rank 0 alone writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from gymnasium.vector import VectorWrapper
 from gymnasium.vector.vector_env import AutoresetMode
 from torch import nn
 
+from gfenv import distributed as dist
 from gfenv.checkpoint import save_model
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.evaluation import AgentLike
-from gfenv.training import autocast_dtype, glimpse_loss
+from gfenv.training import autocast_dtype, data_parallel_loss
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -56,9 +61,11 @@ class Stage3Config:
     weight_decay: float = 1e-4
     """Weight decay of every trained parameter."""
     update_every: int = 256
-    """Finished episodes (images with their patch corners) collected before each update."""
+    """Finished episodes (images with their patch corners) collected before each update (over all processes under
+    torchrun: each collects update_every / N)."""
     batch_size: int = 64
-    """Images per gradient step; an update makes ``epochs`` passes over the episodes collected."""
+    """Images per gradient step (over all processes under torchrun: each takes batch_size / N); an update makes
+    ``epochs`` passes over the episodes collected."""
     epochs: int = 1
     """Passes over each batch of collected episodes."""
     dsn_ratio: float = 1.0
@@ -111,6 +118,11 @@ class Stage3Wrapper(VectorWrapper):
 
     Memory: the kept episodes hold their images on the env's device until the update (``update_every`` x C x H x W
     floats).
+
+    Inside a torchrun process group (``gfenv.distributed.setup``) ``trainable_model`` trains under
+    DistributedDataParallel: every process runs its own wrapper and env, ``update_every`` and ``batch_size`` are
+    split over the processes, every update averages the gradients over them (so each process must collect the
+    same number of episodes per update), and ``save`` writes on rank 0 only.
     """
 
     def __init__(self, env: GlanceFocusVectorEnv, config: Stage3Config | None = None):
@@ -124,6 +136,9 @@ class Stage3Wrapper(VectorWrapper):
         self.trainable_model = copy.deepcopy(base.model)
         groups = self._trainable_groups()
         self.optimizer = OPTIMIZERS[self.config.optimizer](groups, self.config)
+        self._loss = data_parallel_loss(self.trainable_model, base.device)  # DDP in a process group
+        self._update_every = dist.per_rank(self.config.update_every)
+        self._batch_size = dist.per_rank(self.config.batch_size)
         self._amp = autocast_dtype(self.config.amp, base.device)
         self.scaler = torch.amp.GradScaler(base.device.type, enabled=self._amp == torch.float16)
         self._gen = torch.Generator(device=base.device).manual_seed(self.config.seed)
@@ -246,7 +261,7 @@ class Stage3Wrapper(VectorWrapper):
         self.episodes += kept[1].shape[0]
 
     def _update_if_due(self) -> None:
-        if self._kept_count >= self.config.update_every:
+        if self._kept_count >= self._update_every:
             self._update()
 
     def flush(self) -> None:
@@ -269,25 +284,38 @@ class Stage3Wrapper(VectorWrapper):
         cfg, dev, model = self.config, self.base.device, self.trainable_model
         images, labels, corners = (torch.cat(parts).clone() for parts in zip(*self._kept))
         self._kept, self._kept_count = [], 0
+        counts = dist.all_gather_object(len(labels))
+        if len(set(counts)) > 1:
+            raise RuntimeError(f"Stage 3 under torchrun: the processes collected {counts} episodes for this update; "
+                               "each must collect as many (the same num_envs and episode schedule on every rank).")
         self._train_mode()
         total, count = torch.zeros((), device=dev), 0
         for _ in range(cfg.epochs):
-            for idx in torch.randperm(len(labels), generator=self._gen, device=dev).split(cfg.batch_size):
+            for idx in torch.randperm(len(labels), generator=self._gen, device=dev).split(self._batch_size):
                 with torch.autocast(dev.type, dtype=self._amp or torch.float32, enabled=self._amp is not None):
-                    loss, _ = glimpse_loss(model, images[idx], labels[idx], corners[idx], cfg.dsn_ratio,
-                                           taken=corners[idx, :, 0] >= 0)
+                    loss, _ = self._loss(images[idx], labels[idx], corners[idx], cfg.dsn_ratio,
+                                         taken=corners[idx, :, 0] >= 0)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 total, count = total + loss.detach(), count + 1
         model.eval()
+        if cfg.bn_batch_stats:
+            dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics on every rank
         self.losses.append(float(total / count))
 
     def save(self, path: str | Path, meta: dict | None = None) -> Path:
-        """The fine-tuned weights as a standard model checkpoint (meta ``stage=3``), for ``checkpoint=PATH``."""
-        info = {"stage": 3, "stage3": asdict(self.config), "updates": self.updates, "episodes": self.episodes}
-        return save_model(path, self.trainable_model, {**info, **(meta or {})})
+        """The fine-tuned weights as a standard model checkpoint (meta ``stage=3``), for ``checkpoint=PATH``.
+
+        Under torchrun rank 0 writes and every rank waits for it; ``episodes`` counts those of all processes."""
+        world = dist.world_size()
+        info = {"stage": 3, "stage3": asdict(self.config), "updates": self.updates,
+                "episodes": self.episodes * world, "processes": world}
+        if dist.is_main():
+            save_model(path, self.trainable_model, {**info, **(meta or {})})
+        dist.barrier()
+        return Path(path)
 
 
 def to_sb3(env: Stage3Wrapper, monitor: bool = True) -> VecEnv:
@@ -325,9 +353,12 @@ def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episode
 
     Episodes run in whole batches of ``num_envs`` (so at least ``episodes``); the env's stage-1 model comes from
     ``env_kwargs`` (``checkpoint=...``, default the shipped one) merged with the agent's ``env_kwargs``.
-    """
-    from tqdm.auto import tqdm
 
+    Under torchrun (it joins the process group unless already in one) ``episodes`` and ``num_envs`` are totals over
+    the processes: each runs num_envs / N slots seeded by ``dist.rank_seed(seed)`` until it has episodes / N
+    episodes, with its own copy of ``agent`` on its own device (``gfenv.distributed.local_device``); rank 0 alone
+    shows progress and writes ``path``.
+    """
     config = config or Stage3Config()
     if config.mode != "frozen":
         raise ValueError("finetune() runs a fixed policy (mode='frozen'); for mode='joint' train the agent on "
@@ -338,15 +369,26 @@ def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episode
     fixed = sorted(set(FIXED_ENV_KWARGS) & set(kwargs))
     if fixed:
         raise ValueError(f"finetune sets {', '.join(fixed)} itself (train split, autoreset disabled); drop them.")
-    env = GlanceFocusVectorEnv(num_envs=min(num_envs, episodes), split="train", device=device, seed=seed,
-                               autoreset_mode=AutoresetMode.DISABLED, **kwargs)
+    with dist.distributed(device) as dev:
+        return _finetune(agent, kwargs, episodes, config, seed, dev, progress and dist.is_main(), Path(path),
+                         num_envs)
+
+
+def _finetune(agent: AgentLike, kwargs: dict[str, Any], episodes: int, config: Stage3Config, seed: int,
+              device: torch.device, progress: bool, path: Path, num_envs: int) -> Path:
+    from tqdm.auto import tqdm
+
+    world, mine = dist.world_size(), dist.per_rank(episodes)  # mine: this process's episodes
+    env_seed = dist.rank_seed(seed)
+    env = GlanceFocusVectorEnv(num_envs=min(dist.per_rank(num_envs), mine), split="train", device=device,
+                               seed=env_seed, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
     wrapper = Stage3Wrapper(env, config)
     act = sampling_act(agent)
     stop = env.grid * env.grid if env.action_mode == "grid+stop" else None
     n = env.num_envs
-    with tqdm(total=episodes, desc="stage 3", unit="img", disable=not progress) as bar:
-        while wrapper.episodes < episodes:
-            obs, _ = wrapper.reset(seed=seed if wrapper.episodes == 0 else None)
+    with tqdm(total=mine * world, desc="stage 3", unit="img", disable=not progress) as bar:
+        while wrapper.episodes < mine:
+            obs, _ = wrapper.reset(seed=env_seed if wrapper.episodes == 0 else None)
             agent.reset(wrapper)
             finished = torch.zeros(n, dtype=torch.bool, device=env.device)
             for _ in range(env.steps - 1):
@@ -358,7 +400,7 @@ def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episode
                 finished |= terminated | truncated
                 if bool(finished.all()):
                     break
-            bar.update(n)
+            bar.update(n * world)
             if wrapper.losses:
                 bar.set_postfix(loss=f"{wrapper.losses[-1]:.3f}", updates=wrapper.updates)
     wrapper.flush()

@@ -3,6 +3,10 @@
 Loss = [sum_t CE(f_C at step t) + dsn_ratio * sum_t CE(encoder's own head at step t)] / T. SGD Nesterov with a
 cosine schedule by default (AdamW optional), autocast on GPU, activation checkpointing, gradient accumulation,
 TensorBoard scalars, atomic checkpoints, ``resume`` and a checkpoint on Ctrl-C.
+
+Under ``torchrun --nproc_per_node=N`` the encoders and classifier train with DistributedDataParallel (see
+``gfenv.distributed``): every process reads its share of each global batch, gradients are averaged over the
+processes, and rank 0 alone prints, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from gfenv import distributed as dist
 from gfenv.checkpoint import load_checkpoint, save_checkpoint
 from gfenv.data import ImageSource, make_source
 from gfenv.glimpse import check_patch_size, crop, glance, location_to_corner
@@ -49,9 +55,10 @@ class Stage1Config:
     epochs: float = 4.0
     """Passes over the train split (fractions allowed)."""
     batch_size: int = 128
-    """Images per optimiser step (the effective batch; see ``accum_steps``)."""
+    """Images per optimiser step, over all processes (the effective batch). Under torchrun each of the N processes
+    takes every N-th image of the batch, so a micro-batch holds batch_size / (N x accum_steps) images."""
     accum_steps: int = 1
-    """Split each batch into this many micro-batches (same result, less memory)."""
+    """Split each process's share of a batch into this many micro-batches (same result, less memory)."""
     optimizer: str = "sgd"
     """``sgd`` (GFNet: Nesterov, momentum 0.9) or ``adamw``."""
     backbone_lr: float = 0.05
@@ -75,9 +82,10 @@ class Stage1Config:
     checkpoint_every: int = 500
     """Iterations between checkpoints of the training state."""
     seed: int = 0
-    """Seeds Python, numpy, torch and the on-device data generator."""
+    """Seeds Python, numpy, torch and the on-device data generator (the batches are the same for any number of
+    processes; under torchrun rank r draws its patch locations from a seed of its own, ``dist.rank_seed``)."""
     device: str = "cpu"
-    """``cpu``, ``cuda`` or ``cuda:N``."""
+    """``cpu``, ``cuda`` or ``cuda:N`` (under torchrun ``cuda`` is ``cuda:LOCAL_RANK``)."""
 
     def model_config(self, num_classes: int, in_channels: int) -> ModelConfig:
         return ModelConfig(num_classes=num_classes, in_channels=in_channels, patch_size=self.patch_size,
@@ -112,12 +120,20 @@ def _encode(encoder: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.
 
 
 def stage1_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                dsn_ratio: float = 1.0, grad_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """GFNet's warm-up loss on uniformly random focus locations; returns (loss, per-step accuracy counts (T,))."""
+                dsn_ratio: float = 1.0, grad_checkpointing: bool = False,
+                loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GFNet's warm-up loss on uniformly random focus locations; returns (loss, per-step accuracy counts (T,)).
+
+    ``loss_fn`` (default ``glimpse_loss`` on ``model``) takes the arguments of ``GlimpseLoss.forward``: the trainer
+    passes the DistributedDataParallel-wrapped ``GlimpseLoss`` under torchrun.
+    """
     b, t_steps, p = images.shape[0], model.config.steps, model.config.patch_size
     loc = torch.rand(b * (t_steps - 1), 2, generator=generator, device=images.device)
     corners = location_to_corner(loc, images.shape[-2], images.shape[-1], p).reshape(b, t_steps - 1, 2)
-    return glimpse_loss(model, images, labels, corners, dsn_ratio, grad_checkpointing)
+    if loss_fn is None:
+        return glimpse_loss(model, images, labels, corners, dsn_ratio, grad_checkpointing)
+    return loss_fn(images, labels, corners, dsn_ratio, grad_checkpointing)
 
 
 def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor,
@@ -151,6 +167,28 @@ def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, 
         loss = loss + (ce * weight[:, t]).sum()
         correct.append(((logits.argmax(1) == labels) & (weight[:, t] > 0)).sum())
     return loss / weight.sum().clamp(min=1.0), torch.stack(correct)
+
+
+class GlimpseLoss(nn.Module):
+    """``glimpse_loss`` of ``model`` as a module's forward, for DistributedDataParallel (which averages the
+    gradients of the passes through its own forward only)."""
+
+    def __init__(self, model: GFNetModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor, dsn_ratio: float = 1.0,
+                grad_checkpointing: bool = False, taken: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return glimpse_loss(self.model, images, labels, corners, dsn_ratio, grad_checkpointing, taken)
+
+
+def data_parallel_loss(model: GFNetModel, device: torch.device) -> nn.Module:
+    """``GlimpseLoss(model)``, wrapped in DistributedDataParallel inside a process group.
+
+    With T = 1 the focus encoder and its head take no part in the loss, which DDP must be told about.
+    """
+    return dist.wrap(GlimpseLoss(model), device, find_unused_parameters=model.config.steps < 2)
 
 
 def _param_groups(model: GFNetModel, cfg: Stage1Config) -> list[dict]:
@@ -187,26 +225,41 @@ def random_policy_accuracy(model: GFNetModel, source: ImageSource, images: int =
 
 
 def train_stage1(cfg: Stage1Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train stage 1; writes ``run_dir/last.pt`` (training state) and ``run_dir/model.pt``; returns the latter."""
+    """Train stage 1; writes ``run_dir/last.pt`` (training state) and ``run_dir/model.pt``; returns the latter.
+
+    Under torchrun it joins the process group (unless already in one) and trains data-parallel; rank 0 alone prints,
+    shows the progress bar and writes, and every rank returns once ``model.pt`` is written.
+    """
+    with dist.distributed(cfg.device) as device:
+        return _train_stage1(cfg, Path(run_dir), device, resume, progress and dist.is_main())
+
+
+def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume: bool, progress: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
+    main, rank, world = dist.is_main(), dist.rank(), dist.world_size()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    train = make_source(cfg.dataset, "train", device, **cfg.dataset_kwargs)
-    test = make_source(cfg.dataset, "test", device, **cfg.dataset_kwargs)
+    with dist.main_first():  # a dataset download (download=True) happens once, on rank 0
+        train = make_source(cfg.dataset, "train", device, **cfg.dataset_kwargs)
+        test = make_source(cfg.dataset, "test", device, **cfg.dataset_kwargs)
     c, h, w = train.image_shape
     check_patch_size(cfg.patch_size, h, w)
+    if min(cfg.batch_size, len(train)) < world:
+        raise ValueError(f"batch_size={cfg.batch_size} images of a {len(train)}-image train split are shared by "
+                         f"{world} processes, fewer than one each; raise batch_size or use fewer processes.")
     model = GFNetModel(cfg.model_config(train.num_classes, c)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _make_optimizer(model, cfg)
     iters_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    if 0 < len(train) % cfg.batch_size < world:
+        iters_per_epoch -= 1  # an epoch's last, short batch would leave a process without images: skip it
     total = max(1, int(cfg.epochs * iters_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(dist.rank_seed(cfg.seed, rank))
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start = 0
@@ -218,71 +271,102 @@ def train_stage1(cfg: Stage1Config, run_dir: str | Path, resume: bool = False, p
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"].to("cpu") if device.type == "cpu" else state["generator"])
         start = int(state["iteration"])
+        generators = state.get("generators") or [state["generator"]]
+        if rank < len(generators):
+            gen.set_state(generators[rank].cpu())
+        else:  # saved by fewer processes (or on a hard Ctrl-C): a fresh, deterministic stream for this rank
+            gen.manual_seed(dist.rank_seed(cfg.seed, rank) + start)
+    loss_model = data_parallel_loss(model, device)
 
-    def save_state(iteration: int) -> None:
-        save_checkpoint(last, {"format": "gfenv-model-v1", "config": model.config.to_dict(),
-                               "model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                               "iteration": iteration, "stage1": asdict(cfg),
-                               "meta": {"stage": 1, "dataset": cfg.dataset, "iteration": iteration}})
+    def save_state(iteration: int, gather: bool = True) -> None:
+        """Rank 0 writes the training state. ``gather`` (collectives, on every rank at once) stores every rank's
+        patch generator too and gives every rank rank 0's BatchNorm statistics, so all hold the saved model."""
+        generators = [gen.get_state()]
+        if gather:
+            generators = dist.all_gather_object(generators[0])
+            dist.broadcast_buffers(model)
+        if main:
+            save_checkpoint(last, {"format": "gfenv-model-v1", "config": model.config.to_dict(),
+                                   "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "generator": generators[0],
+                                   "generators": generators, "world_size": world,
+                                   "iteration": iteration, "stage1": asdict(cfg),
+                                   "meta": {"stage": 1, "dataset": cfg.dataset, "iteration": iteration}})
+        if gather:
+            dist.barrier()
 
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(run_dir / "tb")) if main else None
     model.train()
     perm = None
     it = start
     bar = tqdm(total=total, initial=start, desc="stage 1", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
+    stop = dist.GracefulStop(device)
     try:
-        while it < total:
-            epoch, pos = divmod(it, iters_per_epoch)
-            if perm is None or pos == 0 or perm[1] != epoch:
-                pgen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
-                perm = (torch.randperm(len(train), generator=pgen, device=device), epoch)
-            idx = perm[0][pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            correct = None
-            for micro in idx.chunk(cfg.accum_steps):
-                x, y = train.get(micro)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, corr = stage1_loss(model, x, y, gen, cfg.dsn_ratio, cfg.grad_checkpointing)
-                scaler.scale(loss * micro.numel() / idx.numel()).backward()
-                loss_sum += loss.detach() * micro.numel() / idx.numel()
-                correct = corr if correct is None else correct + corr
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            it += 1
-            bar.update(1)
-            if it % cfg.log_every == 0 or it == total:
-                acc = (correct.float() / idx.numel() * 100).tolist()
-                writer.add_scalar("stage1/loss", float(loss_sum), it)
-                for t, a in enumerate(acc):
-                    writer.add_scalar(f"stage1/train_acc_step{t + 1}", a, it)
-                bar.set_postfix(loss=f"{float(loss_sum):.3f}", acc=f"{acc[0]:.0f}/{acc[-1]:.0f}")
-            if it % cfg.checkpoint_every == 0:
-                save_state(it)
+        with stop:
+            while it < total:
+                epoch, pos = divmod(it, iters_per_epoch)
+                if perm is None or pos == 0 or perm[1] != epoch:
+                    pgen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+                    perm = (torch.randperm(len(train), generator=pgen, device=device), epoch)
+                idx = perm[0][pos * cfg.batch_size:(pos + 1) * cfg.batch_size]  # the global batch, on every rank
+                micros = dist.shard(idx).chunk(cfg.accum_steps)  # this rank's share, in micro-batches
+                opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                correct = None
+                for m, micro in enumerate(micros):
+                    x, y = train.get(micro)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with dist.no_sync(loss_model, skip=m < len(micros) - 1):  # DDP averages on the last one
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                            enabled=amp_dtype is not None):
+                            loss, corr = stage1_loss(model, x, y, gen, cfg.dsn_ratio, cfg.grad_checkpointing,
+                                                     loss_fn=loss_model)
+                        # DDP divides the summed gradients by the world size: x world makes it the batch mean
+                        scaler.scale(loss * (micro.numel() * world) / idx.numel()).backward()
+                    loss_sum += loss.detach() * micro.numel() / idx.numel()
+                    correct = corr if correct is None else correct + corr
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                it += 1
+                bar.update(1)
+                if it % cfg.log_every == 0 or it == total:
+                    stats = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1).float(), correct.float()]))
+                    loss_all, acc = float(stats[0]), (stats[1:] / idx.numel() * 100).tolist()
+                    if writer is not None:
+                        writer.add_scalar("stage1/loss", loss_all, it)
+                        for t, a in enumerate(acc):
+                            writer.add_scalar(f"stage1/train_acc_step{t + 1}", a, it)
+                    bar.set_postfix(loss=f"{loss_all:.3f}", acc=f"{acc[0]:.0f}/{acc[-1]:.0f}")
+                if it % cfg.checkpoint_every == 0:
+                    save_state(it)
+                if stop.requested():  # Ctrl-C / SIGTERM under torchrun: every rank stops after this step
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        save_state(it)
-        writer.close()
-        print(f"\nInterrupted at iteration {it}/{total}: training state saved to {last}; continue with --resume.")
+        save_state(it, gather=stop.agreed)
+        if writer is not None:
+            writer.close()
+        if main:
+            print(f"\nInterrupted at iteration {it}/{total}: training state saved to {last}; continue with --resume.")
         raise
     bar.close()
     save_state(it)
-    acc = random_policy_accuracy(model, test, cfg.eval_images, seed=cfg.seed)
-    for t, a in enumerate(acc):
-        writer.add_scalar(f"stage1/test_acc_random_step{t + 1}", a, it)
-    writer.close()
     out = run_dir / "model.pt"
-    save_checkpoint(out, {"format": "gfenv-model-v1", "config": model.config.to_dict(), "model": model.state_dict(),
-                          "meta": {"stage": 1, "dataset": cfg.dataset, "dataset_kwargs": cfg.dataset_kwargs,
-                                   "iterations": it, "seconds": round(time.time() - t0, 1),
-                                   "test_accuracy_random": [round(a, 2) for a in acc]}})
-    print(f"stage 1 done in {time.time() - t0:.0f} s; test accuracy per step (random patches): "
-          + " ".join(f"{a:.1f}" for a in acc) + f"\nmodel: {out}")
+    if main:
+        acc = random_policy_accuracy(model, test, cfg.eval_images, seed=cfg.seed)
+        for t, a in enumerate(acc):
+            writer.add_scalar(f"stage1/test_acc_random_step{t + 1}", a, it)
+        writer.close()
+        save_checkpoint(out, {"format": "gfenv-model-v1", "config": model.config.to_dict(),
+                              "model": model.state_dict(),
+                              "meta": {"stage": 1, "dataset": cfg.dataset, "dataset_kwargs": cfg.dataset_kwargs,
+                                       "iterations": it, "seconds": round(time.time() - t0, 1),
+                                       "processes": world, "test_accuracy_random": [round(a, 2) for a in acc]}})
+        print(f"stage 1 done in {time.time() - t0:.0f} s on {world} process(es); test accuracy per step (random "
+              "patches): " + " ".join(f"{a:.1f}" for a in acc) + f"\nmodel: {out}")
+    dist.barrier()
     return out
