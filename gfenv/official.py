@@ -75,7 +75,9 @@ def _safe_load(path: Path, map_location: Any) -> Any:
         except pickle.UnpicklingError as err:
             names = [a or b for a, b in re.findall(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(err))]
             if not names:
-                raise CheckpointError(f"{path} is not a readable torch file ({err}); download it again.") from err
+                detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+                raise CheckpointError(f"{path} is not a readable torch checkpoint ({detail}); download it "
+                                      f"again.") from err
             new = [(allowed[n], n) for n in names if n in allowed and (allowed[n], n) not in extra]
             if not new:
                 found = ", ".join(names)

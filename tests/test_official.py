@@ -217,6 +217,9 @@ def test_other_architectures_and_unsafe_files_are_refused(tmp_path):
     unsafe = save_official(parts, tmp_path / "unsafe.pth.tar", "densenet121", extra=NotData())
     with pytest.raises(CheckpointError, match=r"NotData.*never unpickles arbitrary objects"):
         load_gfnet_checkpoint(unsafe)
+    (tmp_path / "garbage.pth.tar").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_gfnet_checkpoint(tmp_path / "garbage.pth.tar")
     torch.save({"format": "gfenv-model-v1", "config": {}, "model": {}}, tmp_path / "ours.pt")
     with pytest.raises(CheckpointError, match="load_model"):
         load_gfnet_checkpoint(tmp_path / "ours.pt")
@@ -234,7 +237,6 @@ def test_report_prints_stored_results_and_needs_an_imagenet_folder(official, tmp
     classifier_line = next(line for line in text.splitlines() if line.startswith("  classifier "))
     assert f"{flops['policy_flops'] / 1e6:.2f}  [{flops['policy_flops'] / 1e6:.2f}]" in policy_line
     assert f"{flops['fc_flops'] / 1e6:.2f}  [{flops['fc_flops'] / 1e6:.2f}]" in classifier_line
-    print(text)
     with pytest.raises(FileNotFoundError, match=r"<root>/val/<wnid>/\*\.JPEG"):
         gfnet_checkpoint_report(path, data_root=tmp_path / "imagenet")
 
@@ -256,3 +258,23 @@ def test_report_reevaluates_on_an_imagefolder(tmp_path):
                         autoreset_mode=AutoresetMode.DISABLED)
     expected = run_episodes(ckpt.agent(), env, 6, seed=0)["accuracy"]
     assert printed == [f"{a:.2f}" for a in expected] and len(printed) == STEPS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_report_reevaluates_on_cuda_as_on_cpu(tmp_path):
+    parts = official_parts("resnet50", seed=5)
+    path = save_official(parts, tmp_path / "r50.pth.tar", "resnet50")
+    rng = np.random.default_rng(1)
+    for k in range(CLASSES):
+        folder = tmp_path / "imagenet" / "val" / f"n{k:08d}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    lines = {}
+    for device in ("cpu", "cuda"):
+        text = gfnet_checkpoint_report(path, data_root=tmp_path / "imagenet", device=device, batch_size=16)
+        line = next(line for line in text.splitlines() if "re-evaluated" in line)
+        lines[device] = [float(v) for v in line.removeprefix("top-1 (%)").split("(")[0].split()]
+    assert len(lines["cuda"]) == STEPS  # TF32 convolutions may flip at most a near-tie: one image of 30
+    assert all(abs(a - b) <= 100 / 30 + 0.01 for a, b in zip(lines["cuda"], lines["cpu"]))
