@@ -166,8 +166,9 @@ def evaluate_static(path: str, env_kwargs: dict[str, Any], episodes: int, device
 
 
 def evaluate_env(args: argparse.Namespace, env_id: str, env_kwargs: dict[str, Any], specs: dict[str, str | None],
-                 seeds: list[int]) -> dict[str, Any]:
-    """The benchmark of one env: every agent over every seed (``gfenv.evaluation.benchmark``), the static point."""
+                 seeds: list[int], skipped: list[str] | None = None) -> dict[str, Any]:
+    """The benchmark of one env: every agent over every seed (``gfenv.evaluation.benchmark``), the static point.
+    With ``skipped`` (a list), a static model that does not fit the env is noted there instead of raising."""
     runs = trained_runs(specs, seeds, env_id)
     make_agents = agent_factory(specs, env_id, args.device)
     score_fn = oracle_normalised if all(r in specs for r in REFERENCES) else None
@@ -179,8 +180,14 @@ def evaluate_env(args: argparse.Namespace, env_id: str, env_kwargs: dict[str, An
     report = {"env": env_id, "env_kwargs": env_kwargs, "split": args.split, "episodes": args.episodes,
               "seed": seeds[0], "seeds": seeds, "threshold_episodes": threshold_episodes, "agents": results}
     if args.static:
-        report["static"] = evaluate_static(run_dir(args.static, seeds[0], env_id).as_posix(), env_kwargs,
-                                           args.episodes, args.device, args.split)
+        path = run_dir(args.static, seeds[0], env_id).as_posix()
+        try:
+            report["static"] = evaluate_static(path, env_kwargs, args.episodes, args.device, args.split)
+        except (ValueError, FileNotFoundError) as err:
+            if skipped is None:
+                raise
+            skipped.append(f"static {path} on {env_id}: {err}")
+            print(f"skipping static {path} on {env_id}: {err}")
     if args.pictures:
         agents = make_agents(seeds[0])
         report["pictures"] = {label: render_episodes(agent, env_kwargs, args.picture_images, seeds[0], args.device,
@@ -266,7 +273,7 @@ def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seed
                 skipped.append(f"{label} on {env_id}: {err}")
                 print(f"skipping {label} on {env_id}: {err}")
         print(f"== {env_id}")
-        report = evaluate_env(args, env_id, env_kwargs, usable, seeds)
+        report = evaluate_env(args, env_id, env_kwargs, usable, seeds, skipped)
         print_report(report)
         write_outputs(args, report, suffix="_" + env_id.split("/")[-1])
         reports[env_id] = report

@@ -50,8 +50,9 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
     classifier plus the agent's ``macs_per_step`` per decision made), ``confidence`` (mean max softmax
     probability), ``true_class_confidence`` (mean softmax probability of the true class) and ``glimpses`` (mean
     glimpses taken, below t only for agents that stop early); plus ``episodes``, ``steps`` (T), ``action`` (the
-    env's action mode), ``env_kwargs`` (the agent's env settings), ``policy_macs_per_step`` and ``macs_parts``
-    (multiply-adds per image of one call of each part: glance encoder, focus encoder, classifier step, policy).
+    env's action mode), ``split``, ``env_kwargs`` (the agent's env settings), ``policy_macs_per_step`` and
+    ``macs_parts`` (multiply-adds per image of one call of each part: glance encoder, focus encoder, classifier
+    step, policy).
     With ``record``, also ``per_image``: (episodes, T) tensors ``confidence``, ``correct`` and ``macs``.
     ``bar``: a shared progress bar to advance (instead of one bar per agent).
     """
@@ -77,7 +78,7 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
         else:
             with tqdm(total=episodes, desc=label, unit="img", disable=not progress) as own:
                 results[label] = run_episodes(agent, envs[key], episodes, seed, own.update, record=record)
-        results[label]["env_kwargs"] = plans[label]
+        results[label].update(split=split, env_kwargs=plans[label])
     return results
 
 
@@ -300,9 +301,9 @@ def format_table(results: dict[str, dict]) -> str:
     rule = "-" * len(line(header))
     first = next(iter(results.values()))
     seeds = first.get("seeds", ())
-    title = (f"{first.get('episodes', '?')} test images" + (f", mean ± std over seeds {', '.join(map(str, seeds))}"
-                                                             if several else "")
-             + "; column t: after step t of the episode (t=1: the glance alone)")
+    spread = f", mean ± std over seeds {', '.join(map(str, seeds))}" if several else ""
+    title = (f"{first.get('episodes', '?')} {first.get('split', 'test')} images{spread}; column t: after step t of "
+             f"the episode (t=1: the glance alone)")
     lines = [title, line(header), rule, *map(line, acc_rows), rule, *map(line, mac_rows)]
     if score_rows:
         lines += [rule, *map(line, score_rows)]

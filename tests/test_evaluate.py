@@ -250,18 +250,26 @@ def extra_envs():
 def test_leaderboard_has_a_row_per_agent_and_env_and_skips_what_is_missing(tmp_path, extra_envs, monkeypatch):
     _fake_runs(tmp_path, (0,), env="gfenv/ShortTest-v0")
     monkeypatch.setattr(evaluate_agent, "load_agent", lambda path, device="cpu": make_agent("center"))
+
+    def evaluate_static(checkpoint, env_kwargs, episodes, device="cpu", split="test"):
+        if env_kwargs.get("steps") == 3:
+            raise ValueError("made for another task")
+        return {"accuracy": 88.0, "macs": 25_000_000, "episodes": episodes}
+
+    monkeypatch.setitem(sys.modules, "gfenv.static", fake_module("gfenv.static", evaluate_static=evaluate_static))
     envs = ",".join(["gfenv/GlanceFocus-v0", *extra_envs])
     md = tmp_path / "board.md"
     assert evaluate_agent.main(["--leaderboard", "--envs", envs, "--agents", f"center,mine={tmp_path}/run_s{{seed}}",
                                 "--episodes", "4", "--num-envs", "4", "--threshold-episodes", "0", "--no-progress",
-                                "--markdown", str(md)]) == 0
+                                "--static", "static.pt", "--markdown", str(md)]) == 0
     text = md.read_text()
     rows = {(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in text.splitlines()
             if r.startswith("|") and "gfenv/" in r}
-    assert rows == {(a, e) for a in ("random", "oracle", "center") for e in ("gfenv/GlanceFocus-v0",
-                                                                              "gfenv/ShortTest-v0")} | {
-        ("mine", "gfenv/ShortTest-v0")}
-    assert "gfenv/MissingTest-v0" in text and "mine on gfenv/GlanceFocus-v0" in text  # the skipped, with reasons
+    both = ("gfenv/GlanceFocus-v0", "gfenv/ShortTest-v0")
+    assert rows == ({(a, e) for a in ("random", "oracle", "center") for e in both}
+                    | {("mine", "gfenv/ShortTest-v0"), ("static (full image)", "gfenv/GlanceFocus-v0")})
+    for reason in ("gfenv/MissingTest-v0", "mine on gfenv/GlanceFocus-v0", "made for another task"):
+        assert reason in text  # the skipped, with reasons
 
 
 def test_gfnet_checkpoint_report_is_printed_and_its_errors_exit_2(monkeypatch, capsys):
