@@ -300,11 +300,12 @@ class GFNetCheckpoint:
 
 
 def load_gfnet_checkpoint(path: str | os.PathLike, arch: str | None = None, map_location: Any = "cpu", *,
-                          patch_size: int | None = None) -> GFNetCheckpoint:
+                          patch_size: int | None = None, steps: int | None = None) -> GFNetCheckpoint:
     """Load a GFNet-Pytorch ``.pth.tar`` (released or written by its train.py) into this project's modules.
 
     ``arch`` (``resnet50``/``densenet121``) is checked against the weights; ``patch_size`` is needed only when the
-    file does not store it. A file of another architecture, or with keys this mapping does not know, raises
+    file does not store it (train.py's files), ``steps`` (T) overrides the length of the stored ``flops`` (default
+    5 without them). A file of another architecture, or with keys this mapping does not know, raises
     CheckpointError naming what it found.
     """
     path = Path(path).expanduser()
@@ -327,7 +328,7 @@ def load_gfnet_checkpoint(path: str | os.PathLike, arch: str | None = None, map_
         raise CheckpointError(f"{path} does not store its patch size; pass patch_size= (96 or 128 in GFNet).")
     patch = int(stored_patch if stored_patch is not None else patch_size)
     counts = payload.get("flops") or payload.get("anytime_classification")
-    steps = len(counts) if counts else DEFAULT_STEPS
+    steps = int(steps) if steps is not None else len(counts) if counts else DEFAULT_STEPS
 
     classifier, hidden, num_classes = _classifier_state(path, _strip_module(payload["fc"]))
     state = {**_encoder_state(path, "model_prime_state_dict (glance encoder)", arch, glance_state,

@@ -189,10 +189,13 @@ def test_env_episode_matches_gfnets_inference_loop(official, tensor_images):
 
 def test_checkpoint_without_module_prefix_and_with_numpy_results_loads(tmp_path):
     parts = official_parts("densenet121", seed=3)
-    path = save_official(parts, tmp_path / "train.pth.tar", "densenet121", prefix="",
+    path = save_official(parts, tmp_path / "train.pth.tar", "densenet121", prefix="", patch_size=None,
                          anytime_classification=[np.float64(68.212), np.float64(72.994), np.float64(74.23)])
-    ckpt = load_gfnet_checkpoint(path)
-    assert ckpt.arch == "densenet121"
+    with pytest.raises(CheckpointError, match="does not store its patch size; pass patch_size="):
+        load_gfnet_checkpoint(path)
+    ckpt = load_gfnet_checkpoint(path, patch_size=PATCH)
+    assert ckpt.arch == "densenet121" and ckpt.patch_size == PATCH
+    assert load_gfnet_checkpoint(path, patch_size=PATCH, steps=4).model.config.steps == 4
     assert [float(v) for v in ckpt.results["anytime_classification"]] == [68.212, 72.994, 74.23]
     torch.testing.assert_close(ckpt.model.focus_encoder.body[0].conv0.weight, parts["model"].features.conv0.weight)
 
