@@ -27,7 +27,8 @@ STAGE1 = {"dataset_kwargs": SMALL_DATA, "eval_images": 32, "batch_size": 16, "ep
 
 def _torchrun(out: Path, nproc: int = 2) -> None:
     """Run this file's worker under torchrun with ``nproc`` Gloo processes of one thread each."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     if DEVICE.startswith("cuda") and torch.cuda.device_count() < nproc:
         env["GFENV_DIST_BACKEND"] = "gloo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
