@@ -18,6 +18,7 @@ from gymnasium.vector import VectorEnv
 from gymnasium.vector.utils import batch_space
 from gymnasium.vector.vector_env import AutoresetMode
 
+from gfenv import datasets as _datasets  # noqa: F401  (registers the torchvision-backed datasets in DATASETS)
 from gfenv.cache import CACHE_MODES, FeatureCache
 from gfenv.checkpoint import load_model
 from gfenv.data import DATASETS, make_source
@@ -130,7 +131,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"Unknown render_mode {render_mode!r}; the env supports 'rgb_array'.")
         if dataset not in DATASETS:
-            make_source(dataset)  # raises the error that lists the valid datasets
+            raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
         self.device = torch.device(device)
         self.num_envs = int(num_envs)
         self.render_mode = render_mode

@@ -100,7 +100,7 @@ def test_mnist_like(tmp_path: Path, name: str, folder: str) -> None:
     assert 0.0 < x.min() and x.max() <= 1.0
     assert y.tolist() == [0, 5, 3]
     raw = np.frombuffer((root / folder / "raw" / "train-images-idx3-ubyte").read_bytes()[16:], dtype=np.uint8)
-    assert torch.equal(x[0, 0], torch.from_numpy(raw[:784].reshape(28, 28).astype(np.float32)) / 255)
+    assert torch.equal(x[0, 0], torch.from_numpy(raw[:784].reshape(28, 28).astype(np.float32)) * (1.0 / 255))
 
 
 def test_image_size_resizes(tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_cifar10_classes_from_meta(tmp_path: Path) -> None:
     assert x.shape == (20, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
     assert 0 <= y.min() and y.max() < 4
     first = pickle.loads((root / "cifar-10-batches-py" / "data_batch_1").read_bytes())
-    assert torch.equal(x[1], torch.from_numpy(first["data"][1].reshape(3, 32, 32)).float() / 255)
+    assert torch.equal(x[1], torch.from_numpy(first["data"][1].reshape(3, 32, 32)).float() * (1.0 / 255))
     assert y[:4].tolist() == first["labels"]
 
 
@@ -158,7 +158,7 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert y.tolist() == [0, 0, 1, 1, 2, 2]
     for img, (path, _) in zip(x, train.samples):
         with Image.open(path) as saved:
-            colour = torch.tensor(saved.convert("RGB").getpixel((0, 0))).float() / 255
+            colour = torch.tensor(saved.convert("RGB").getpixel((0, 0))).float() * (1.0 / 255)
         assert torch.allclose(img.mean(dim=(1, 2)), colour, atol=0.02)
     assert torch.allclose(x[0].mean(dim=(1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=0.02)
     xt, yt = test.get(torch.tensor([5, 0]))

@@ -51,3 +51,15 @@ def test_glance_resizes_and_removes_fine_texture():
 def test_patch_larger_than_image_is_refused():
     with pytest.raises(ValueError, match="larger than the image"):
         check_patch_size(64, 60, 100)
+
+
+def test_area_glance_of_whole_blocks_equals_the_adaptive_mean():
+    """The fast fixed-window path gives exactly the adaptive average pool the shipped encoders were trained on."""
+    import torch.nn.functional as F
+
+    from gfenv.data import make_source
+
+    images, _ = make_source("glyphs", "test").get(torch.arange(64))
+    assert torch.equal(glance(images, 32, "area"), F.adaptive_avg_pool2d(images, 32))
+    odd = torch.rand(3, 2, 50, 70)
+    assert torch.equal(glance(odd, 32, "area"), F.adaptive_avg_pool2d(odd, 32))
