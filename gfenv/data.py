@@ -208,8 +208,9 @@ class GlyphSource(ImageSource):
         start = bank * (4 * n * n) + dy * (2 * n) + dx  # noise[y, x] = field[(y + dy) % n, (x + dx) % n]
         noise = self._noise_windows.index_select(0, start)  # (B, n, n): one strided copy, no per-pixel index
         sign = (p[:, 8] < 0.5).float() * 2 - 1
-        canvas = canvas.view(b, n, n) + self.noise * sign[:, None, None] * noise
-        return canvas.clamp_(0.0, 1.0).unsqueeze(1), labels  # (B, 1, H, W), (B,)
+        # canvas + noise * s, in place in the fresh noise tensor (the same sums: float addition commutes)
+        image = noise.mul_(self.noise * sign[:, None, None]).add_(canvas.view(b, n, n))
+        return image.clamp_(0.0, 1.0).unsqueeze(1), labels  # (B, 1, H, W), (B,)
 
 
 @register_dataset("glyphs")
