@@ -20,6 +20,7 @@ from gymnasium.vector.vector_env import AutoresetMode
 from agents.base import make_agent
 from agents.learned import LearnedAgent, is_learned, learned_agent_class, learned_agent_names
 from gfenv import ENV_ID
+from gfenv.cache import cover_episodes
 from gfenv.env import GlanceFocusVectorEnv, resolve_checkpoint
 from gfenv.evaluation import run_episodes
 
@@ -167,7 +168,8 @@ class EvalOnTestSplit:
         if self._env is None:
             self._env = GlanceFocusVectorEnv(num_envs=min(self.episodes, MAX_EVAL_ENVS), split="test",
                                              sampling="sequential", device=self.device,
-                                             autoreset_mode=AutoresetMode.DISABLED, **self.env_kwargs)
+                                             autoreset_mode=AutoresetMode.DISABLED,
+                                             **cover_episodes(self.env_kwargs, self.episodes))
         result = run_episodes(agent, self._env, self.episodes, self.seed)
         acc = [round(a, 3) for a in result["accuracy"]]
         score = round(sum(acc[1:]) / max(len(acc) - 1, 1), 3)

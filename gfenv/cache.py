@@ -52,6 +52,14 @@ class CachePlan:
         return sum(int(np.prod(s)) * (8 if k == "labels" else 4) for k, s in self.shapes().items())
 
 
+def cover_episodes(env_kwargs: dict, episodes: int) -> dict:
+    """``env_kwargs`` whose feature cache (if any) holds at least the first ``episodes`` images, so a sequential
+    evaluation over them never wraps around to images it has already seen."""
+    if env_kwargs.get("cache") is None or env_kwargs.get("cache_images") is None:
+        return env_kwargs
+    return {**env_kwargs, "cache_images": max(int(env_kwargs["cache_images"]), int(episodes))}
+
+
 def available_memory_bytes() -> int | None:
     """Free physical memory on Linux (None where unknown)."""
     try:

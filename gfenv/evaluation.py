@@ -17,6 +17,7 @@ from gymnasium.vector.vector_env import AutoresetMode
 from tqdm.auto import tqdm
 
 from gfenv.budgeted import budgeted_curve
+from gfenv.cache import cover_episodes
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
 
 FIXED_ENV_KWARGS = ("split", "sampling", "num_envs", "device", "autoreset_mode")
@@ -71,7 +72,8 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
         key = repr(sorted(plans[label].items()))
         if key not in envs:
             envs[key] = GlanceFocusVectorEnv(num_envs=min(num_envs, episodes), split=split, sampling="sequential",
-                                             device=device, autoreset_mode=AutoresetMode.DISABLED, **plans[label])
+                                             device=device, autoreset_mode=AutoresetMode.DISABLED,
+                                             **cover_episodes(plans[label], episodes))
         if bar is not None:
             bar.set_description(f"{label} ({split})")
             results[label] = run_episodes(agent, envs[key], episodes, seed, bar.update, record=record)
