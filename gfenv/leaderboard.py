@@ -80,8 +80,8 @@ def markdown_leaderboard(rows: list[dict[str, str]]) -> str:
     return markdown_table(list(LEADERBOARD_COLUMNS), [[row[c] for c in LEADERBOARD_COLUMNS] for row in rows], RIGHT)
 
 
-def _with_std(mean: float, std: float | None, fmt: str, several: bool) -> str:
-    if not math.isfinite(mean):
+def _with_std(mean: float | None, std: float | None, fmt: str, several: bool) -> str:
+    if mean is None or not math.isfinite(mean):
         return "-"
     if several and std is not None and math.isfinite(std):
         return f"{format(mean, fmt)} ± {format(std, fmt)}"
@@ -102,8 +102,8 @@ def anytime_markdown(results: dict[str, dict]) -> str:
             if key not in r:
                 continue
             std = r.get(f"{key}_std") or [None] * len(r[key])
-            rows.append([label, *(_with_std(m * scale, None if s is None else s * scale, fmt, several)
-                                  for m, s in zip(r[key], std))])
+            rows.append([label, *(_with_std(None if m is None else m * scale, None if s is None else s * scale, fmt,
+                                            several) for m, s in zip(r[key], std))])
         if rows:
             parts.append(f"{name} after step t (t=1: the glance alone):\n\n" + markdown_table(header, rows, right))
     return "\n\n".join(parts)
@@ -129,15 +129,14 @@ def accuracy_at_budget(curve: list[dict], budget: float) -> float | None:
 
 
 def budgeted_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): each agent's budgeted accuracy at the ``budget_levels``, then its lowest and highest
-    (MACs, accuracy) points."""
-    levels = budget_levels(results)
+    """(header, rows): each agent's budgeted accuracy at the ``budget_levels`` that some curve reaches, then its
+    lowest and highest (MACs, accuracy) points."""
+    curves = {label: r["budgeted"] for label, r in results.items() if r.get("budgeted")}
+    levels = [b for b in budget_levels(results)
+              if any(accuracy_at_budget(curve, b) is not None for curve in curves.values())]
     header = ["agent", *(f"{b / 1e6:.2f} M" for b in levels), "cheapest (M, %)", "dearest (M, %)"]
     rows = []
-    for label, r in results.items():
-        curve = r.get("budgeted")
-        if not curve:
-            continue
+    for label, curve in curves.items():
         lo, hi = min(curve, key=lambda p: p["macs"]), max(curve, key=lambda p: p["macs"])
         rows.append([label, *(_num(accuracy_at_budget(curve, b), ".2f") for b in levels),
                      f"{lo['macs'] / 1e6:.2f}, {lo['accuracy']:.2f}", f"{hi['macs'] / 1e6:.2f}, {hi['accuracy']:.2f}"])

@@ -20,6 +20,7 @@ import evaluate_agent
 from agents import Agent, make_agent
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.evaluation import evaluate, format_table
+from gfenv.leaderboard import budgeted_rows, markdown_report
 
 ARGS = ["--agents", "random,center,oracle", "--episodes", "20", "--num-envs", "8", "--seed", "3", "--no-progress"]
 
@@ -193,6 +194,11 @@ def test_markdown_leaderboard_has_the_zoo_columns_and_a_row_per_agent(bench):
     rows = [line for line in text.splitlines() if line.startswith("|") and "gfenv/GlanceFocus-v0" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["random", "center", "oracle", "static (full image)"]
     assert "Budgeted batch classification" in text and "t=1" in text
+    again = markdown_report("gfenv/GlanceFocus-v0", bench[1])  # from the JSON (NaN read back as null)
+    assert again.count("|gfenv/GlanceFocus-v0|") == 4
+    header, rows = budgeted_rows(bench[1]["agents"])
+    for column in range(1, len(header) - 2):  # every budget shown is reached by some curve
+        assert any(row[column] != "-" for row in rows)
 
 
 def test_plots_and_pictures_are_png_files(bench):
