@@ -157,6 +157,14 @@ def stage3(args: argparse.Namespace) -> int:
     fields = set(Stage3Config.__dataclass_fields__)
     settings = parse_kv(args.hyperparams)
     episodes = int(settings.pop("episodes", 8192))
+    for key in ("amp", "accum_steps"):  # the memory flags mean the same as in stage 1
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.grad_checkpointing or args.low_memory:
+        settings["grad_checkpointing"] = True
+    if args.low_memory:
+        settings["amp"] = "bf16" if settings.get("amp", "auto") in ("auto", "none") else settings["amp"]
+        settings["accum_steps"] = max(int(settings.get("accum_steps", 1)), 4)
     unknown = sorted(set(settings) - fields)
     if unknown:
         print(f"error: unknown stage-3 settings {unknown}; valid: episodes, {', '.join(sorted(fields))}.",

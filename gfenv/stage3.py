@@ -77,6 +77,12 @@ class Stage3Config:
     learn."""
     amp: str = "auto"
     """Autocast dtype: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` or ``none``."""
+    grad_checkpointing: bool = False
+    """Recompute the encoders' activations in the backward pass (less memory, about a third more compute)."""
+    accum_steps: int = 1
+    """Micro-batches per gradient step (gradient accumulation: the same update with 1/accum_steps of the memory)."""
+    channels_last: bool = False
+    """Train in the channels_last memory format (faster convolutions on recent GPUs)."""
     seed: int = 0
     """Seeds the order in which collected episodes are batched."""
 
@@ -87,8 +93,8 @@ class Stage3Config:
             raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
         if not (self.train_classifier or self.train_focus or self.train_glance):
             raise ValueError("Stage 3 has nothing to train: set train_classifier, train_focus or train_glance.")
-        if self.update_every < 1 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("update_every, batch_size and epochs must be at least 1.")
+        if self.update_every < 1 or self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:
+            raise ValueError("update_every, batch_size, epochs and accum_steps must be at least 1.")
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], Stage3Config], torch.optim.Optimizer]] = {
@@ -134,6 +140,8 @@ class Stage3Wrapper(VectorWrapper):
         self.config = config or Stage3Config()
         self.lockstep = base.action_mode != "grid+stop"
         self.trainable_model = copy.deepcopy(base.model)
+        if self.config.channels_last:
+            self.trainable_model = self.trainable_model.to(memory_format=torch.channels_last)
         groups = self._trainable_groups()
         self.optimizer = OPTIMIZERS[self.config.optimizer](groups, self.config)
         self._loss = data_parallel_loss(self.trainable_model, base.device)  # DDP in a process group
@@ -292,14 +300,22 @@ class Stage3Wrapper(VectorWrapper):
         total, count = torch.zeros((), device=dev), 0
         for _ in range(cfg.epochs):
             for idx in torch.randperm(len(labels), generator=self._gen, device=dev).split(self._batch_size):
-                with torch.autocast(dev.type, dtype=self._amp or torch.float32, enabled=self._amp is not None):
-                    loss, _ = self._loss(images[idx], labels[idx], corners[idx], cfg.dsn_ratio,
-                                         taken=corners[idx, :, 0] >= 0)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
+                micros = idx.chunk(cfg.accum_steps)
+                for m, micro in enumerate(micros):
+                    x = images[micro]
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with dist.no_sync(self._loss, skip=m < len(micros) - 1):  # DDP averages on the last one
+                        with torch.autocast(dev.type, dtype=self._amp or torch.float32, enabled=self._amp is not None):
+                            loss, _ = self._loss(x, labels[micro], corners[micro], cfg.dsn_ratio,
+                                                 cfg.grad_checkpointing, taken=corners[micro, :, 0] >= 0)
+                        share = micro.numel() / idx.numel()  # 1.0 without accumulation: the same loss
+                        self.scaler.scale(loss * share).backward()
+                    total = total + loss.detach() * share
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                total, count = total + loss.detach(), count + 1
+                count += 1
         model.eval()
         if cfg.bn_batch_stats:
             dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics on every rank

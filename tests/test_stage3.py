@@ -240,3 +240,21 @@ def test_config_and_finetune_refuse_bad_settings():
     wrapper.reset()
     with pytest.raises(RuntimeError, match="in progress"):
         wrapper.flush()
+
+
+def test_memory_options_give_the_same_update():
+    """Gradient accumulation, activation checkpointing and channels_last change the memory, not the update."""
+    def one_update(**options):
+        env = GlanceFocusVectorEnv(num_envs=16, sampling="sequential", seed=0, **SMALL)
+        wrapper = Stage3Wrapper(env, Stage3Config(update_every=16, batch_size=16, train_focus=True, **options))
+        agent = make_agent("random", seed=0)
+        obs, _ = wrapper.reset(seed=0)
+        agent.reset(wrapper)
+        _run_batch(wrapper, agent, obs)
+        assert wrapper.updates == 1
+        return _weights(wrapper.trainable_model)
+
+    plain = one_update()
+    lean = one_update(accum_steps=4, grad_checkpointing=True, channels_last=True)
+    torch.testing.assert_close(lean, plain, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(plain, _weights(GlanceFocusVectorEnv(num_envs=1, **SMALL).model))  # it did learn
