@@ -23,7 +23,7 @@ PY="${PYTHON:-python3}"
 } 2>&1 | tee "$OUT/versions.txt"
 status=0
 "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider -W ignore::UserWarning 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-"$PY" -m gfenv.bench --device cuda --memory --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" || status=1
-"$PY" -m gfenv.bench --device cpu --threads 2 --skip sb3_ppo --json "$OUT/bench_cpu2.json" 2>&1 | tee "$OUT/bench_cpu2.log" || status=1
+"$PY" -m gfenv.bench --device cuda --memory --profile --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" || status=1
+"$PY" -m gfenv.bench --device cpu --threads 2 --skip sb3_ppo --profile --json "$OUT/bench_cpu2.json" 2>&1 | tee "$OUT/bench_cpu2.log" || status=1
 echo "gpu_checks exit status $status" | tee -a "$OUT/versions.txt"
 exit $status

@@ -78,6 +78,21 @@ def bench_vector_env(env: GlanceFocusVectorEnv, episodes: int, repeats: int) -> 
             "steps_per_repeat": env.num_envs * steps}
 
 
+def profile_vector_env(env: GlanceFocusVectorEnv, episodes: int, rows: int = 15) -> str:
+    """Where a batched step's time goes: torch.profiler's table of the ops of ``episodes`` episodes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    actions = _random_cells(env, episodes * (env.steps - 1), 2)
+    env.reset(seed=0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for a in actions:
+            env.step(a)
+        _sync(env.device)
+    key = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def bench_per_env(template: GlanceFocusVectorEnv, num_envs: int, episodes: int, repeats: int) -> dict[str, Any]:
     """SB3's DummyVecEnv over ``num_envs`` single envs (sharing the model and the image source)."""
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -193,7 +208,7 @@ def bench_memory(device: torch.device, batch_size: int = 256, image_size: int = 
 
 
 def run(device: str = "cpu", num_envs: int = 256, repeats: int = 5, episodes: int = 2, threads: int | None = None,
-        cache_images: int = 1024, skip: tuple[str, ...] = (), memory: bool = False,
+        cache_images: int = 1024, skip: tuple[str, ...] = (), memory: bool = False, profile: bool = False,
         log: Callable[[str], Any] = print) -> dict[str, Any]:
     if threads is not None:
         torch.set_num_threads(threads)
@@ -230,6 +245,9 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 5, episodes: in
             report[name] = report[b] / report[a] if inverse else report[a] / report[b]
     if memory:
         report["memory"] = bench_memory(dev)
+    if profile:
+        report["profile"] = profile_vector_env(env, episodes)
+        log(report["profile"])
     return report
 
 
@@ -262,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-images", type=int, default=1024, help="images in the cached mode's feature cache")
     p.add_argument("--skip", default="", help=f"comma-separated measures to leave out ({', '.join(KEYS)})")
     p.add_argument("--memory", action="store_true", help="CUDA: peak memory of GFNet's ImageNet stage-1 settings")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the batched steps")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     args = p.parse_args(argv)
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
@@ -273,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_envs < 1 or args.repeats < 1 or args.episodes < 1:
         p.error("--num-envs, --repeats and --episodes must be at least 1.")
     report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cache_images, skip,
-                 args.memory, log=lambda s: print(s, file=sys.stderr, flush=True))
+                 args.memory, args.profile, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:
         path = Path(args.json)
