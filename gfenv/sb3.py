@@ -1,4 +1,5 @@
-"""Stable-Baselines3 adapter: ``to_sb3`` turns a ``GlanceFocusVectorEnv`` into an SB3 ``VecEnv``.
+"""Stable-Baselines3 adapter: ``to_sb3`` turns a ``GlanceFocusVectorEnv`` (bare or inside gymnasium vector
+wrappers) into an SB3 ``VecEnv``.
 
 Numpy at the boundary, SB3's same-step resets with ``terminal_observation``, and ``action_masks`` for MaskablePPO.
 """
@@ -12,6 +13,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector import VectorEnv, VectorWrapper
 from gymnasium.vector.vector_env import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
@@ -24,13 +26,20 @@ PER_SLOT_METHODS = ("action_masks", "cell_confidences")
 SINGLE_SPACES = {"observation_space": "single_observation_space", "action_space": "single_action_space"}
 
 
-def to_sb3(env: GlanceFocusVectorEnv | None = None, *, monitor: bool = True, **make_kwargs: Any) -> VecEnv:
+def to_sb3(env: VectorEnv | None = None, *, monitor: bool = True, **make_kwargs: Any) -> VecEnv:
     """An SB3 ``VecEnv`` over ``env``, or over ``GlanceFocusVectorEnv(autoreset_mode=SAME_STEP, **make_kwargs)``.
 
-    SB3 expects a finished slot to be reset within the same step, so the adapter always runs the env in
-    ``AutoresetMode.SAME_STEP``. A given env in another mode is switched to SAME_STEP in place (it must be a bare
-    ``GlanceFocusVectorEnv``, not a wrapped one); its current episodes are then void, and the adapter refuses to
-    step before its ``reset()`` (which SB3's algorithms always call first).
+    ``env`` is a ``GlanceFocusVectorEnv`` or a gymnasium ``VectorWrapper`` chain around one (``env.unwrapped``):
+    SB3 steps the outermost wrapper, so its rewards, observations and spaces are the wrapper's (e.g.
+    ``gymnasium.wrappers.vector.TransformReward`` or ``gfenv.stage3.Stage3Wrapper``), while attributes and methods
+    such as ``action_masks``, ``cell_confidences`` or ``steps`` are looked up through the chain, outermost first.
+
+    SB3 expects a finished slot to be reset within the same step, so the adapter needs ``AutoresetMode.SAME_STEP``.
+    A bare env in another mode is switched to SAME_STEP in place, and so is an outermost wrapper that owns the mode
+    as a settable ``autoreset_mode`` property (``Stage3Wrapper``); their current episodes are then void, and the
+    adapter refuses to step before its ``reset()`` (which SB3's algorithms always call first). Other wrappers are
+    not switched (gymnasium's read the mode when they are built): build the env with
+    ``autoreset_mode=SAME_STEP`` before wrapping it.
 
     With ``monitor=True`` (default) the adapter comes wrapped in ``VecMonitor``, so each finished episode's info
     has ``info["episode"]`` = {"r", "l", "t", "correct", "macs"}, as ``evaluate_policy`` and SB3's logger expect;
@@ -47,26 +56,46 @@ def to_sb3(env: GlanceFocusVectorEnv | None = None, *, monitor: bool = True, **m
     return VecMonitor(venv, info_keywords=EPISODE_KEYS) if monitor else venv
 
 
+def _owns_autoreset_mode(env: VectorEnv) -> bool:
+    """Whether ``env`` switches its autoreset mode itself: the bare env, or a wrapper with a settable property."""
+    prop = getattr(type(env), "autoreset_mode", None)
+    return isinstance(env, GlanceFocusVectorEnv) or (isinstance(prop, property) and prop.fset is not None)
+
+
 class SB3VecEnv(VecEnv):
-    """``GlanceFocusVectorEnv`` seen through SB3's ``VecEnv`` API (use ``to_sb3`` to build one).
+    """``GlanceFocusVectorEnv`` (bare or wrapped) seen through SB3's ``VecEnv`` API (use ``to_sb3`` to build one).
 
     Observations, rewards and dones are numpy; ``infos[i]`` holds the slot's ``prediction``, ``confidence``,
     ``correct``, ``macs`` and ``step`` (at an episode's end those of the finished episode, with
-    ``terminal_observation`` and ``TimeLimit.truncated``). All slots share one env object: ``get_attr`` returns its
-    attribute once per slot (``observation_space``/``action_space`` give the single-slot spaces), ``set_attr``
-    sets it for all slots at once, ``env_method`` calls the method once and hands each slot its row for
-    ``action_masks``/``cell_confidences``, its own frame for ``render``, and the same result otherwise. The slots
-    draw from one generator, so ``reset()`` seeds the env with the first of the seeds that ``seed()`` stored.
+    ``terminal_observation`` and ``TimeLimit.truncated``). ``env`` is what gets stepped (the outermost wrapper),
+    ``base`` the ``GlanceFocusVectorEnv`` underneath. All slots share one env object: ``get_attr`` returns the
+    attribute of the outermost layer that has it once per slot (``observation_space``/``action_space`` give the
+    single-slot spaces), ``set_attr`` sets it on that layer (else on the outermost) for all slots at once,
+    ``env_method`` calls the method once and hands each slot its row for ``action_masks``/``cell_confidences``,
+    its own frame for ``render``, and the same result otherwise. The slots draw from one generator, so ``reset()``
+    seeds the env with the first of the seeds that ``seed()`` stored.
     """
 
-    def __init__(self, env: GlanceFocusVectorEnv):
-        if not isinstance(env, GlanceFocusVectorEnv):
-            raise TypeError(f"to_sb3() needs a bare GlanceFocusVectorEnv, got {type(env).__name__}; build it with "
-                            "to_sb3(**kwargs) or pass the env without gymnasium wrappers.")
-        if env.autoreset_mode != AutoresetMode.SAME_STEP:
-            env.autoreset_mode = AutoresetMode.SAME_STEP
-            env.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
+    def __init__(self, env: VectorEnv):
+        base = env.unwrapped if isinstance(env, VectorEnv) else env
+        if not isinstance(base, GlanceFocusVectorEnv):
+            inside = "" if base is env else f" around {type(base).__name__}"
+            raise TypeError(f"to_sb3() needs a GlanceFocusVectorEnv, bare or inside gymnasium VectorWrappers; got "
+                            f"{type(env).__name__}{inside}. Build it with to_sb3(**kwargs) or pass the env (or a "
+                            "vector wrapper around it).")
+        if env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
+            if _owns_autoreset_mode(env):
+                env.autoreset_mode = AutoresetMode.SAME_STEP
+                if env is base:
+                    env.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
+            if env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
+                raise ValueError(f"to_sb3(): {type(env).__name__} runs with autoreset_mode="
+                                 f"{env.metadata.get('autoreset_mode')!s}; the SB3 adapter needs SAME_STEP and cannot "
+                                 "switch a wrapper that does not own the mode. Build the GlanceFocusVectorEnv with "
+                                 "autoreset_mode=AutoresetMode.SAME_STEP (or set a Stage3Wrapper's autoreset_mode) "
+                                 "before wrapping it.")
         self.env = env
+        self.base = base
         self._actions: Any = None
         self._needs_reset = True
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
@@ -91,7 +120,7 @@ class SB3VecEnv(VecEnv):
             raise RuntimeError("step_wait() called without a pending step_async().")
         actions, self._actions = self._actions, None
         obs, reward, terminated, truncated, info = self.env.step(actions)
-        terminated, truncated = terminated.cpu().numpy(), truncated.cpu().numpy()
+        terminated, truncated = _to_numpy(terminated).astype(bool), _to_numpy(truncated).astype(bool)
         dones = terminated | truncated
         infos = _split_info(info, self.num_envs)
         if dones.any():
@@ -102,7 +131,7 @@ class SB3VecEnv(VecEnv):
             for i in np.flatnonzero(dones):
                 infos[i] = {**final_infos[i], "terminal_observation": _row(final_obs, i),
                             "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
-        return _to_numpy(obs), reward.cpu().numpy().astype(np.float32), dones, infos
+        return _to_numpy(obs), _to_numpy(reward).astype(np.float32), dones, infos
 
     def close(self) -> None:
         self.env.close()
@@ -110,41 +139,59 @@ class SB3VecEnv(VecEnv):
     # ------------------------------------------------------------------------------------- attributes, methods
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         self._check_masks(attr_name)
-        value = getattr(self.env, SINGLE_SPACES.get(attr_name, attr_name))
+        name = SINGLE_SPACES.get(attr_name, attr_name)
+        value = getattr(self._holder(name), name)
         return [value for _ in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         if sorted(set(self._get_indices(indices))) != list(range(self.num_envs)):
             raise ValueError(f"set_attr({attr_name!r}) on a subset of slots: all slots share one "
                              "GlanceFocusVectorEnv, so an attribute can only be set for all of them.")
-        setattr(self.env, attr_name, value)
+        setattr(self._holder(attr_name, missing_ok=True), attr_name, value)
 
     def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
         idx = list(self._get_indices(indices))
         if method_name == "render":
             return self._images(idx)
         self._check_masks(method_name)
-        result = getattr(self.env, method_name)(*method_args, **method_kwargs)
+        result = getattr(self._holder(method_name), method_name)(*method_args, **method_kwargs)
         if method_name in PER_SLOT_METHODS:
             rows = _to_numpy(result)
             return [rows[i] for i in idx]
         return [result for _ in idx]
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
-        return [False for _ in self._get_indices(indices)]
+        wrapped = any(isinstance(layer, wrapper_class) for layer in self._layers()[:-1])
+        return [wrapped for _ in self._get_indices(indices)]
+
+    def _layers(self) -> list[VectorEnv]:
+        """The wrapper chain, outermost first, ending with the ``GlanceFocusVectorEnv``."""
+        layers = [self.env]
+        while isinstance(layers[-1], VectorWrapper):
+            layers.append(layers[-1].env)
+        return layers
+
+    def _holder(self, name: str, missing_ok: bool = False) -> Any:
+        """The outermost layer that has attribute ``name`` (the outermost one if none has and ``missing_ok``)."""
+        for layer in self._layers():
+            if hasattr(layer, name):
+                return layer
+        if missing_ok:
+            return self.env
+        raise AttributeError(f"Neither {type(self.env).__name__} nor the envs it wraps have an attribute {name!r}.")
 
     def get_images(self) -> Sequence[np.ndarray | None]:
         return self._images(range(self.num_envs))
 
     def _images(self, indices: Sequence[int] | range) -> list[np.ndarray | None]:
-        if self.env.render_mode != "rgb_array":
+        if self.base.render_mode != "rgb_array":
             warnings.warn("Rendering needs render_mode='rgb_array' when the env is built; returning None.",
                           stacklevel=3)
             return [None for _ in indices]
-        return [self.env.render_slot(i) for i in indices]
+        return [self.base.render_slot(i) for i in indices]
 
     def _check_masks(self, name: str) -> None:
-        if name == "action_masks" and self.env.action_mode == "continuous":
+        if name == "action_masks" and self.base.action_mode == "continuous":
             raise AttributeError("action_masks exists for the grid action modes only (action='grid' or 'grid+stop').")
 
 
@@ -162,5 +209,5 @@ def _row(obs: Any, i: int) -> Any:
 
 def _split_info(info: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """The vector info's per-slot scalars (``INFO_KEYS``) as one plain dict per slot."""
-    columns = {k: info[k].cpu().numpy() for k in INFO_KEYS if k in info}
+    columns = {k: _to_numpy(info[k]) for k in INFO_KEYS if k in info}
     return [{k: v[i].item() for k, v in columns.items()} for i in range(n)]

@@ -335,19 +335,11 @@ class Stage3Wrapper(VectorWrapper):
 
 
 def to_sb3(env: Stage3Wrapper, monitor: bool = True) -> VecEnv:
-    """``gfenv.sb3.to_sb3`` for a ``Stage3Wrapper``: SB3 steps the wrapper, which takes over SAME_STEP resets.
+    """``gfenv.sb3.to_sb3(env, monitor=monitor)``, kept for backwards compatibility: that adapter now takes wrapped
+    envs itself, steps the wrapper and sets a ``Stage3Wrapper``'s ``autoreset_mode`` to SAME_STEP."""
+    from gfenv.sb3 import to_sb3 as sb3_to_sb3
 
-    ``gfenv.sb3.SB3VecEnv`` only accepts a bare ``GlanceFocusVectorEnv``, so the adapter is built on the env
-    underneath and then pointed at the wrapper.
-    """
-    from stable_baselines3.common.vec_env import VecMonitor
-
-    from gfenv.sb3 import EPISODE_KEYS, SB3VecEnv
-
-    venv = SB3VecEnv(env.base)
-    env.autoreset_mode = AutoresetMode.SAME_STEP
-    venv.env = env
-    return VecMonitor(venv, info_keywords=EPISODE_KEYS) if monitor else venv
+    return sb3_to_sb3(env, monitor=monitor)
 
 
 def sampling_act(agent: AgentLike) -> Callable[[Any, Any], torch.Tensor]:

@@ -19,6 +19,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 
 from gfenv import GlanceFocusVectorEnv
 from gfenv.sb3 import SB3VecEnv, to_sb3
+from gfenv.stage3 import Stage3Config, Stage3Wrapper
 
 PPO_KW = {"n_steps": 8, "batch_size": 32, "n_epochs": 1, "device": "cpu"}
 
@@ -58,8 +59,10 @@ def test_given_env_is_switched_to_same_step_and_needs_reset():
     env = GlanceFocusVectorEnv(num_envs=2, seed=0)
     with pytest.raises(TypeError, match="one or the other"):
         to_sb3(env, num_envs=2)
-    with pytest.raises(TypeError, match="bare GlanceFocusVectorEnv"):
-        to_sb3(gym.wrappers.vector.RecordEpisodeStatistics(env))
+    with pytest.raises(ValueError, match="autoreset_mode=AutoresetMode.SAME_STEP"):
+        to_sb3(gym.wrappers.vector.RecordEpisodeStatistics(env))  # built on NEXT_STEP: not switched under it
+    with pytest.raises(TypeError, match="needs a GlanceFocusVectorEnv"):
+        to_sb3(gym.make_vec("CartPole-v1", num_envs=2))
     venv = to_sb3(env, monitor=False)
     assert env.autoreset_mode == AutoresetMode.SAME_STEP
     assert env.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
@@ -209,3 +212,57 @@ def test_render_gives_one_frame_per_slot():
     quiet = to_sb3(num_envs=2, seed=6)
     with pytest.warns(UserWarning, match="render_mode"):
         assert quiet.get_images() == [None, None]
+
+
+def _fixed_rollout(venv: VecEnv, steps: int) -> tuple[np.ndarray, list]:
+    """Rewards and infos of ``steps`` steps with the same grid cells in every slot (cells 0, 5, 10, ...)."""
+    venv.reset()
+    rewards, infos = [], []
+    for t in range(steps):
+        _, r, _, info = venv.step(np.full(venv.num_envs, 5 * t % venv.action_space.n))
+        rewards.append(r)
+        infos.append(info)
+    return np.stack(rewards), infos
+
+
+def test_gymnasium_vector_wrapper_is_stepped_and_attributes_come_through():
+    def env():
+        return GlanceFocusVectorEnv(num_envs=4, seed=0, action="grid", autoreset_mode=AutoresetMode.SAME_STEP)
+
+    bare = to_sb3(env())
+    scaled = to_sb3(gym.wrappers.vector.TransformReward(env(), lambda r: 3.0 * r))
+    assert scaled.has_attr("action_masks") and scaled.get_attr("steps") == bare.get_attr("steps")
+    assert scaled.env_is_wrapped(gym.wrappers.vector.TransformReward) == [True] * 4
+    assert bare.env_is_wrapped(gym.wrappers.vector.TransformReward) == [False] * 4
+    steps = 2 * (bare.get_attr("steps")[0] - 1)  # two episodes
+    rewards, infos = _fixed_rollout(bare, steps - 1)  # the second episode still in progress
+    rewards3, infos3 = _fixed_rollout(scaled, steps - 1)
+    assert np.abs(rewards).sum() > 0
+    np.testing.assert_allclose(rewards3, 3.0 * rewards, rtol=1e-6)
+    ended = steps // 2 - 1
+    assert [i["episode"]["r"] for i in infos3[ended]] == pytest.approx([3 * i["episode"]["r"] for i in infos[ended]])
+    masks = np.stack(scaled.env_method("action_masks"))
+    assert not masks.all()  # cells visited in the episode in progress are masked
+    np.testing.assert_array_equal(masks, np.stack(bare.env_method("action_masks")))
+    conf = scaled.env_method("cell_confidences", indices=[1, 3])
+    assert len(conf) == 2 and conf[0].shape == (scaled.action_space.n,)
+    scaled.set_attr("mac_cost_note", 1)
+    assert scaled.get_attr("mac_cost_note") == [1] * 4
+
+
+def test_stage3_wrapper_is_stepped_and_its_updates_reach_the_rewards():
+    """One update after the first batch of episodes: the second batch's rewards come from the new weights."""
+    def run(lr: float) -> tuple[np.ndarray, Stage3Wrapper]:
+        env = GlanceFocusVectorEnv(num_envs=4, seed=0, action="grid")  # NEXT_STEP: the wrapper switches itself
+        wrapper = Stage3Wrapper(env, Stage3Config(update_every=4, batch_size=4, classifier_lr=lr, weight_decay=0.0))
+        venv = to_sb3(wrapper)
+        assert wrapper.autoreset_mode == AutoresetMode.SAME_STEP and env.autoreset_mode == AutoresetMode.DISABLED
+        rewards, _ = _fixed_rollout(venv, 2 * (env.steps - 1))
+        return rewards, wrapper
+
+    still, frozen = run(0.0)
+    moved, learning = run(1.0)
+    assert frozen.updates == learning.updates == 2 and learning.episodes == 8
+    half = len(still) // 2
+    np.testing.assert_array_equal(moved[:half], still[:half])
+    assert not np.allclose(moved[half:], still[half:])
