@@ -255,6 +255,8 @@ class GFNetPPOAgent(LearnedAgent):
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.config.learning_rate)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.sample_generator = torch.Generator(device=self.device)  # sample(): apart from training's draws
+        self.sample_generator.manual_seed(seed)
         self.num_timesteps = 0
         self._env_seeded = False
         self._hidden: torch.Tensor | None = None
@@ -289,13 +291,23 @@ class GFNetPPOAgent(LearnedAgent):
     def act(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor:
         """Deterministic: the Gaussian's mean, or the most probable unvisited cell. A slot at its glance (t = 1)
         starts from a zero GRU state, so autoresetting envs work too."""
+        return self.policy.actor.to_env(self.policy.actor.mode(self._decide(obs, env))).to(env.device)
+
+    @torch.no_grad()
+    def sample(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor:
+        """Stochastic, as in training: a location drawn from the Gaussian (clipped to the image), or an unvisited
+        cell drawn from the softmax; the draws come from ``sample_generator`` (seeded with ``seed``)."""
+        params = self._decide(obs, env)
+        return self.policy.actor.to_env(self.policy.actor.sample(params, self.sample_generator)).to(env.device)
+
+    def _decide(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor:
         if self._hidden is None or self._hidden.shape[0] != env.num_envs:
             self.reset(env)
         obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device).reshape(env.num_envs, -1)
         start = (env.t == 1).to(self.device)[:, None]
         params, self._hidden = self.policy.decide(obs, self._hidden.masked_fill(start, 0.0),
                                                   env.visited.to(self.device))
-        return self.policy.actor.to_env(self.policy.actor.mode(params)).to(env.device)
+        return params
 
     # ---------------------------------------------------------------------------------------------- training
     @torch.no_grad()

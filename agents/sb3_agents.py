@@ -218,8 +218,9 @@ class SB3Agent(LearnedAgent):
 
     ``act`` converts torch observations to numpy, calls ``model.predict(obs, deterministic=True)`` (with
     ``action_masks`` for MaskablePPO; with LSTM states and episode starts, taken from ``env.t``, for RecurrentPPO)
-    and returns torch actions on ``env.device``. ``save`` writes SB3's ``.zip`` atomically with a
-    ``gfenv_agent.json`` entry (agent name, env kwargs) so that ``SB3Agent.load(path)`` needs nothing else.
+    and returns torch actions on ``env.device``; ``sample`` does the same with ``deterministic=False`` (stage 3's
+    frozen mode samples the policy). ``save`` writes SB3's ``.zip`` atomically with a ``gfenv_agent.json`` entry
+    (agent name, env kwargs) so that ``SB3Agent.load(path)`` needs nothing else.
     """
 
     checkpoint_suffix = ".zip"
@@ -231,6 +232,11 @@ class SB3Agent(LearnedAgent):
         self.default_action = self.spec.default_action
         self.supported_actions = frozenset({self.env_kwargs["action"]})
         self._lstm_states: tuple[np.ndarray, ...] | None = None
+        self.sample_generator = torch.Generator()
+        if seed is None:
+            self.sample_generator.seed()
+        else:
+            self.sample_generator.manual_seed(int(seed))
 
     @property
     def num_timesteps(self) -> int:
@@ -248,15 +254,41 @@ class SB3Agent(LearnedAgent):
         self._lstm_states = None
 
     def act(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor:
+        return self._predict(obs, env, deterministic=True)
+
+    def sample(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor:
+        """Stochastic actions: ``model.predict(deterministic=False)``, with masks and LSTM states as in ``act``.
+
+        What SB3 samples depends on the algorithm: PPO, A2C, TRPO, RecurrentPPO and MaskablePPO draw from the
+        policy's distribution (MaskablePPO never draws a masked cell), SAC from its squashed Gaussian, QR-DQN is
+        epsilon-greedy with its final ``exploration_rate`` (its random cells ignore the masks, as its ``act`` does),
+        and ARS's linear policy is deterministic (``sample`` = ``act``). The draws come from the agent's own
+        generator (seeded with ``seed``), so the same seed gives the same samples; torch's and numpy's global
+        random states are left as they were.
+        """
+        seed = int(torch.randint(2**62, (1,), generator=self.sample_generator))
+        cuda = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
+        np_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)  # QR-DQN's epsilon draw
+                if hasattr(self.model, "exploration_rate"):
+                    self.model.action_space.seed(seed)  # QR-DQN's random cells
+                return self._predict(obs, env, deterministic=False)
+        finally:
+            np.random.set_state(np_state)
+
+    def _predict(self, obs: Any, env: GlanceFocusVectorEnv, deterministic: bool) -> torch.Tensor:
         np_obs = _to_numpy(obs)
         if self.spec.recurrent:
             starts = (env.t <= 1).cpu().numpy()
             actions, self._lstm_states = self.model.predict(np_obs, state=self._lstm_states, episode_start=starts,
-                                                            deterministic=True)
+                                                            deterministic=deterministic)
         elif self.spec.masks:
-            actions, _ = self.model.predict(np_obs, deterministic=True, action_masks=env.action_masks())
+            actions, _ = self.model.predict(np_obs, deterministic=deterministic, action_masks=env.action_masks())
         else:
-            actions, _ = self.model.predict(np_obs, deterministic=True)
+            actions, _ = self.model.predict(np_obs, deterministic=deterministic)
         dtype = torch.float32 if env.action_mode == "continuous" else torch.long
         return torch.as_tensor(np.asarray(actions), device=env.device).to(dtype)
 
