@@ -66,3 +66,39 @@ def test_ppo_learns_a_few_steps_on_cuda():
                             hyperparams={"n_steps": 8, "batch_size": 64, "n_epochs": 1})
     agent.learn(256)
     assert agent.num_timesteps >= 256
+
+
+def stage3_memory_options_update(device: str) -> None:
+    """One stage-3 update with bf16 autocast, activation checkpointing, 2 micro-batches and channels_last."""
+    from agents import make_agent
+    from gfenv.stage3 import Stage3Config, Stage3Wrapper
+
+    env = GlanceFocusVectorEnv(num_envs=32, sampling="sequential", seed=0, device=device, action="grid")
+    before = [p.detach().clone() for p in env.model.parameters()]
+    cfg = Stage3Config(update_every=32, batch_size=32, train_focus=True, amp="bf16", grad_checkpointing=True,
+                       accum_steps=2, channels_last=True)
+    wrapper = Stage3Wrapper(env, cfg)
+    agent = make_agent("random", seed=0)
+    obs, _ = wrapper.reset(seed=0)
+    agent.reset(wrapper)
+    for _ in range(env.steps - 1):
+        obs, *_ = wrapper.step(agent.act(obs, wrapper))
+    assert wrapper.updates == 1 and all(torch.isfinite(torch.tensor(wrapper.losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, env.model.parameters()))
+
+
+def static_reference_trains(device: str, tmp_path) -> None:
+    from gfenv.static import StaticConfig, evaluate_static, train_static
+
+    cfg = StaticConfig(device=device, max_iterations=3, batch_size=32, eval_images=64)
+    path = train_static(cfg, tmp_path, progress=False)
+    result = evaluate_static(path, {}, 64, device=device)
+    assert 0.0 <= result["accuracy"] <= 100.0 and result["macs"] > 0
+
+
+def test_stage3_memory_options_on_cuda():
+    stage3_memory_options_update("cuda")
+
+
+def test_static_reference_trains_on_cuda(tmp_path):
+    static_reference_trains("cuda", tmp_path)
