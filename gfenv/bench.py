@@ -151,6 +151,8 @@ def bench_sb3_ppo(num_envs: int, device: str, rollouts: int, repeats: int) -> di
     env_kwargs = hp.pop("env_kwargs", {})
     for key in ("n_envs", "n_timesteps"):
         hp.pop(key, None)
+    if "batch_size" in hp and "n_steps" in hp:  # a rollout smaller than a mini-batch (tiny --num-envs)
+        hp["batch_size"] = min(int(hp["batch_size"]), int(hp["n_steps"]) * num_envs)
     agent = build_sb3_agent("ppo", env_kwargs, num_envs=num_envs, seed=0, device=device, hyperparams=hp)
     per_rollout = num_envs * agent.model.n_steps
     times = timed(lambda: agent.learn(rollouts * per_rollout), repeats, torch.device(device))
