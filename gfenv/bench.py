@@ -11,7 +11,10 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 - ``sb3_ppo``: PPO's collect + train through the SB3 adapter (the project's ppo hyperparameters), env steps per second;
 - ratios ``batched_over_per_env``, ``floor_over_batched`` (step time / floor time) and ``cached_over_batched``.
 
-Each figure is the median of ``--repeats`` timed runs after a warm-up; the thread count is printed. ``--memory``
+Timing: the measures take turns in ``--cycles`` rounds, each measure a block of one warm-up run and ``--repeats``
+timed runs (``per_env`` and ``sb3_ppo``: the first round only, half the runs); a figure is the median over rounds of
+its block medians, and each ratio the median over rounds of the ratio within a round, so that it compares blocks
+taken moments apart on a machine whose speed drifts. The thread count is printed. ``--memory``
 (CUDA) adds the peak GPU memory of a stage-1 training step of GFNet's ImageNet setting (ResNet-50, P = 96, T = 5,
 effective batch 256) under several memory settings.
 """
@@ -25,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +47,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def _random_cells(env: GlanceFocusVectorEnv, steps: int, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator(device=env.device).manual_seed(seed)
     return [torch.randint(env.grid * env.grid, (env.num_envs,), generator=gen, device=env.device)
             for _ in range(steps)]
 
 
-def bench_vector_env(env: GlanceFocusVectorEnv, episodes: int, repeats: int) -> dict[str, Any]:
-    """Steps per second of a batched env stepped with random grid actions for ``episodes`` episodes per repeat."""
+@dataclass
+class Workload:
+    """One timed unit of work: ``run()`` does ``steps`` env steps (slot transitions)."""
+
+    run: Callable[[], Any]
+    steps: int
+
+
+def vector_env_workload(env: GlanceFocusVectorEnv, episodes: int) -> Workload:
+    """A batched env stepped with random grid actions for ``episodes`` episodes."""
     steps = episodes * (env.steps - 1)
     actions = _random_cells(env, steps, 0)
     env.reset(seed=0)
@@ -73,9 +71,7 @@ def bench_vector_env(env: GlanceFocusVectorEnv, episodes: int, repeats: int) -> 
         for a in actions:
             env.step(a)
 
-    times = timed(run, repeats, env.device)
-    return {"steps_per_s": env.num_envs * steps / statistics.median(times), "seconds": times,
-            "steps_per_repeat": env.num_envs * steps}
+    return Workload(run, env.num_envs * steps)
 
 
 def profile_vector_env(env: GlanceFocusVectorEnv, episodes: int, rows: int = 15) -> str:
@@ -93,7 +89,7 @@ def profile_vector_env(env: GlanceFocusVectorEnv, episodes: int, rows: int = 15)
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def bench_per_env(template: GlanceFocusVectorEnv, num_envs: int, episodes: int, repeats: int) -> dict[str, Any]:
+def per_env_workload(template: GlanceFocusVectorEnv, num_envs: int, episodes: int) -> Workload:
     """SB3's DummyVecEnv over ``num_envs`` single envs (sharing the model and the image source)."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -112,20 +108,18 @@ def bench_per_env(template: GlanceFocusVectorEnv, num_envs: int, episodes: int, 
         for a in actions:
             venv.step(a)
 
-    times = timed(run, repeats, template.device)
-    return {"steps_per_s": num_envs * steps / statistics.median(times), "seconds": times,
-            "steps_per_repeat": num_envs * steps}
+    return Workload(run, num_envs * steps)
 
 
-@torch.no_grad()
-def bench_floor(env: GlanceFocusVectorEnv, repeats: int, episodes: int) -> dict[str, Any]:
-    """The encoder and classifier forwards of ``episodes`` episodes on pre-made inputs, as env steps per second."""
+def floor_workload(env: GlanceFocusVectorEnv, episodes: int) -> Workload:
+    """The encoder and classifier forwards of ``episodes`` episodes on pre-made inputs (no env around them)."""
     model, n, p = env.model, env.num_envs, env.patch_size
     images, _ = env.source.get(torch.arange(n, device=env.device) % len(env.source))
     glance_in = glance(images, p, model.config.glance_mode)
     cells = _random_cells(env, env.steps - 1, 1)
     patches = [crop(images, env.corners[c], p) for c in cells]
 
+    @torch.no_grad()
     def run():
         for _ in range(episodes):
             feats, _ = model.glance_encoder(glance_in)
@@ -137,12 +131,10 @@ def bench_floor(env: GlanceFocusVectorEnv, repeats: int, episodes: int) -> dict[
                 logits, memory = model.classifier.step(feats, memory, t)
                 logits.float().softmax(1)
 
-    times = timed(run, repeats, env.device)
-    steps = episodes * (env.steps - 1) * n
-    return {"steps_per_s": steps / statistics.median(times), "seconds": times, "steps_per_repeat": steps}
+    return Workload(run, episodes * (env.steps - 1) * n)
 
 
-def bench_sb3_ppo(num_envs: int, device: str, rollouts: int, repeats: int) -> dict[str, Any]:
+def sb3_ppo_workload(num_envs: int, device: str, rollouts: int) -> Workload:
     """PPO collect + train (hyperparams/ppo.yml for the default task) through the SB3 adapter."""
     from agents.sb3_agents import build_sb3_agent
     from agents.training import load_hyperparams
@@ -155,9 +147,31 @@ def bench_sb3_ppo(num_envs: int, device: str, rollouts: int, repeats: int) -> di
         hp["batch_size"] = min(int(hp["batch_size"]), int(hp["n_steps"]) * num_envs)
     agent = build_sb3_agent("ppo", env_kwargs, num_envs=num_envs, seed=0, device=device, hyperparams=hp)
     per_rollout = num_envs * agent.model.n_steps
-    times = timed(lambda: agent.learn(rollouts * per_rollout), repeats, torch.device(device))
-    return {"steps_per_s": rollouts * per_rollout / statistics.median(times), "seconds": times,
-            "steps_per_repeat": rollouts * per_rollout, "policy_device": str(agent.model.device)}
+    return Workload(lambda: agent.learn(rollouts * per_rollout), rollouts * per_rollout)
+
+
+def time_blocks(workloads: dict[str, Workload], repeats: int, cycles: int, device: torch.device,
+                slow: tuple[str, ...] = ("per_env", "sb3_ppo")) -> list[dict[str, float]]:
+    """Per cycle, the median seconds per run of each workload: the workloads take turns, each as a block of one
+    warm-up run and ``repeats`` timed runs, so that each cycle's ratios compare blocks taken minutes apart at most
+    while every block runs warm. The ``slow`` ones run in the first cycle only."""
+    out = []
+    for c in range(cycles):
+        medians = {}
+        for name, w in workloads.items():
+            if name in slow and c > 0:
+                continue
+            w.run()
+            _sync(device)
+            times = []
+            for _ in range(repeats if name not in slow else max(2, repeats // 2)):
+                t0 = time.perf_counter()
+                w.run()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            medians[name] = statistics.median(times)
+        out.append(medians)
+    return out
 
 
 def memory_settings() -> dict[str, dict[str, Any]]:
@@ -210,41 +224,47 @@ def bench_memory(device: torch.device, batch_size: int = 256, image_size: int = 
 
 
 def run(device: str = "cpu", num_envs: int = 256, repeats: int = 5, episodes: int = 2, threads: int | None = None,
-        cache_images: int = 1024, skip: tuple[str, ...] = (), memory: bool = False, profile: bool = False,
-        log: Callable[[str], Any] = print) -> dict[str, Any]:
+        cycles: int = 3, cache_images: int = 1024, skip: tuple[str, ...] = (), memory: bool = False,
+        profile: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     report: dict[str, Any] = {"device": str(dev), "num_envs": num_envs, "threads": torch.get_num_threads(),
-                              "repeats": repeats, "torch": torch.__version__, "machine": platform.processor() or
-                              platform.machine(), "task": "gfenv/GlanceFocus-v0 default task, action=grid"}
+                              "repeats": repeats, "cycles": cycles, "torch": torch.__version__,
+                              "machine": platform.processor() or platform.machine(),
+                              "task": "gfenv/GlanceFocus-v0 default task, action=grid"}
     if dev.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(dev)
     log(f"gfenv.bench on {dev} ({report.get('gpu', report['machine'])}), {report['threads']} torch threads, "
-        f"N = {num_envs}, median of {repeats}")
+        f"N = {num_envs}, {cycles} cycles of blocks of {repeats} timed runs")
     env = GlanceFocusVectorEnv(num_envs=num_envs, action="grid", seed=0, device=dev,
                                autoreset_mode=AutoresetMode.SAME_STEP)
-    jobs: dict[str, Callable[[], dict[str, Any]]] = {
-        "batched": lambda: bench_vector_env(env, episodes, repeats),
-        "floor": lambda: bench_floor(env, repeats, episodes),
-        "per_env": lambda: bench_per_env(env, num_envs, 1, max(2, repeats // 2)),
-        "cached": lambda: bench_vector_env(GlanceFocusVectorEnv(
+    makers: dict[str, Callable[[], Workload]] = {
+        "batched": lambda: vector_env_workload(env, episodes),
+        "per_env": lambda: per_env_workload(env, num_envs, 1),
+        "floor": lambda: floor_workload(env, episodes),
+        "cached": lambda: vector_env_workload(GlanceFocusVectorEnv(
             num_envs=num_envs, action="grid", seed=0, device=dev, autoreset_mode=AutoresetMode.SAME_STEP,
-            cache="memory", cache_images=max(cache_images, num_envs), model=env.model), episodes * 4, repeats),
-        "sb3_ppo": lambda: bench_sb3_ppo(num_envs, device, 1, max(2, repeats // 2)),
+            cache="memory", cache_images=max(cache_images, num_envs), model=env.model), episodes * 4),
+        "sb3_ppo": lambda: sb3_ppo_workload(num_envs, device, 1),
     }
-    for key in KEYS:
-        if key in skip:
-            continue
-        result = jobs[key]()
-        report[key] = result["steps_per_s"]
-        report.setdefault("details", {})[key] = result
-        log(f"  {key:<8} {result['steps_per_s']:>12,.0f} steps/s")
-    ratios = {"batched_over_per_env": ("batched", "per_env", False), "floor_over_batched": ("batched", "floor", True),
-              "cached_over_batched": ("cached", "batched", False)}
-    for name, (a, b, inverse) in ratios.items():
-        if a in report and b in report:
-            report[name] = report[b] / report[a] if inverse else report[a] / report[b]
+    workloads = {key: makers[key]() for key in KEYS if key not in skip}
+    per_cycle = time_blocks(workloads, repeats, cycles, dev)
+    details = report["details"] = {"cycles": per_cycle}
+    for key, w in workloads.items():
+        rates = [w.steps / cycle[key] for cycle in per_cycle if key in cycle]
+        report[key] = statistics.median(rates)
+        details[key] = {"steps_per_s": rates, "steps_per_repeat": w.steps}
+        log(f"  {key:<8} {report[key]:>12,.0f} steps/s")
+    # each ratio: rate of the first over rate of the second within a cycle; the median over cycles
+    ratios = {"batched_over_per_env": ("batched", "per_env"), "floor_over_batched": ("floor", "batched"),
+              "cached_over_batched": ("cached", "batched")}
+    for name, (x, y) in ratios.items():
+        if x in workloads and y in workloads:
+            per_cycle_ratio = [(workloads[x].steps / cycle[x]) / (workloads[y].steps / cycle[y])
+                               for cycle in per_cycle if x in cycle and y in cycle]
+            report[name] = statistics.median(per_cycle_ratio)
+            details[name] = per_cycle_ratio
     if memory:
         report["memory"] = bench_memory(dev)
     if profile:
@@ -278,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-envs", type=int, default=256, help="slots of the batched env (and single envs of per_env)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measure (the median is reported)")
     p.add_argument("--episodes", type=int, default=2, help="episodes per timed run of batched and floor")
+    p.add_argument("--cycles", type=int, default=3, help="rounds of all measures (per_env, sb3_ppo: the first only)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--cache-images", type=int, default=1024, help="images in the cached mode's feature cache")
     p.add_argument("--skip", default="", help=f"comma-separated measures to leave out ({', '.join(KEYS)})")
@@ -291,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"Unknown measure(s) {unknown} in --skip; valid: {', '.join(KEYS)}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False).")
-    if args.num_envs < 1 or args.repeats < 1 or args.episodes < 1:
-        p.error("--num-envs, --repeats and --episodes must be at least 1.")
-    report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cache_images, skip,
+    if min(args.num_envs, args.repeats, args.episodes, args.cycles) < 1:
+        p.error("--num-envs, --repeats, --episodes and --cycles must be at least 1.")
+    report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cycles, args.cache_images,
+                 skip,
                  args.memory, args.profile, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:

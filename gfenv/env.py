@@ -266,7 +266,9 @@ class GlanceFocusVectorEnv(VectorEnv):
         memory = self.model.classifier.init_state(count, device=self.device)
         logits, memory = self.model.classifier.step(feats, memory, 0)
         values.update({"index": idx, "labels": labels, "memory": memory, "probs": logits.float().softmax(1),
-                       "glance_map": fmap, "last_map": fmap, "last_features": feats})
+                       "glance_map": fmap, "last_features": feats})
+        if self.observation_mode == "gfnet":  # the previous glimpse's map: GFNet's policy input, observed only there
+            values["last_map"] = fmap
         fills = {"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1}
         for name, v in values.items():
             target = getattr(self, name)
@@ -397,7 +399,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         self.memory = torch.where(m, memory, self.memory)
         self.probs = probs_after
         self.last_features = torch.where(m, feats, self.last_features)
-        if fmap is not None:
+        if self.observation_mode == "gfnet":
             self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
         rows = torch.arange(n, device=dev)
         self.visited[rows, cell] |= moving

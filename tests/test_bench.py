@@ -11,13 +11,15 @@ from gfenv import bench
 
 def test_bench_cli_writes_every_measure_and_ratio(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--num-envs", "4", "--repeats", "1", "--episodes", "1", "--cache-images", "8",
-                       "--threads", "1", "--json", str(out)]) == 0
+    assert bench.main(["--num-envs", "4", "--repeats", "1", "--episodes", "1", "--cache-images", "8", "--cycles",
+                       "2", "--threads", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in (*bench.KEYS, "batched_over_per_env", "floor_over_batched", "cached_over_batched"):
         assert report[key] > 0, key
     assert report["threads"] == 1 and report["num_envs"] == 4 and report["device"] == "cpu"
-    assert report["floor_over_batched"] == pytest.approx(report["floor"] / report["batched"])
+    per_cycle = report["details"]["floor_over_batched"]  # one ratio per cycle, the median reported
+    assert len(per_cycle) == 2 and report["floor_over_batched"] == pytest.approx(sum(per_cycle) / 2)
+    assert len(report["details"]["batched_over_per_env"]) == 1  # per_env runs in the first cycle only
     assert report["details"]["batched"]["steps_per_repeat"] == 4 * 4  # N slots x (T - 1) steps
     printed = capsys.readouterr().out
     assert "batched_over_per_env" in printed and "target >= 30" in printed
