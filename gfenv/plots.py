@@ -27,6 +27,14 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def _axes(count: int) -> tuple[Any, Any]:
+    """A figure whose colour cycle gives each of ``count`` agents its own colour (tab10, tab20 beyond ten)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if count > 10:
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    return fig, ax
+
+
 def _static_point(ax: Any, static: dict | None) -> None:
     if static:
         ax.plot([static["macs"] / 1e6], [static["accuracy"]], marker="*", markersize=14, color="black",
@@ -37,7 +45,7 @@ def plot_anytime(results: dict[str, dict], path: str | os.PathLike, static: dict
                  title: str = "") -> Path:
     """Accuracy after each step 1..T against the cumulative MACs per image, one line per agent (error bars: std
     over seeds), with the static full-image model as a star."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes(len(results))
     for label, r in results.items():
         macs = np.asarray(r["macs"]) / 1e6
         ax.errorbar(macs, r["accuracy"], yerr=r.get("accuracy_std"), marker="o", markersize=4, capsize=2,
@@ -54,7 +62,7 @@ def plot_budgeted(results: dict[str, dict], path: str | os.PathLike, static: dic
                   title: str = "") -> Path:
     """Budgeted batch classification: (mean MACs, accuracy) for the 39 exit distributions of each agent that has a
     ``budgeted`` curve; agents with a stop action add their own point (a diamond); the static model a star."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes(len(results))
     for label, r in results.items():
         if r.get("budgeted"):
             pts = sorted(r["budgeted"], key=lambda p: p["macs"])
