@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from gfenv.glimpse import crop, glance
 
 CACHE_MODES = ("memory", "disk")
-_FIELDS = ("labels", "glance_features", "glance_maps", "cell_features", "cell_maps")
 
 
 @dataclass

@@ -269,24 +269,19 @@ class GlanceFocusVectorEnv(VectorEnv):
                        "glance_map": fmap, "last_features": feats})
         if self.observation_mode == "gfnet":  # the previous glimpse's map: GFNet's policy input, observed only there
             values["last_map"] = fmap
-        fills = {"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1}
-        for name, v in values.items():
+        values.update({"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1})
+        for name, v in values.items():  # tensors (one row per reset slot) and constants
             target = getattr(self, name)
-            v = v.to(target.dtype)
+            if isinstance(v, torch.Tensor):
+                v = v.to(target.dtype)
             if mask is not None:
-                target.copy_(torch.where(mask.view(-1, *[1] * (v.dim() - 1)), v, target))
-            elif rows is None:
+                target.copy_(torch.where(mask.view(-1, *[1] * (target.dim() - 1)), v, target))
+            elif rows is not None:
+                target[rows] = v
+            elif isinstance(v, torch.Tensor):
                 target.copy_(v)
             else:
-                target[rows] = v
-        for name, v in fills.items():
-            target = getattr(self, name)
-            if mask is not None:
-                target.masked_fill_(mask.view(-1, *[1] * (target.dim() - 1)), v)
-            elif rows is None:
                 target.fill_(v)
-            else:
-                target[rows] = v
         self._cell_features = None
 
     def _observation(self) -> Any:
@@ -332,12 +327,6 @@ class GlanceFocusVectorEnv(VectorEnv):
         stop = (a == self.grid * self.grid) if self.action_mode == "grid+stop" else None
         cell = a.clamp(max=self.grid * self.grid - 1)
         return self.corners[cell], cell, stop
-
-    @torch.no_grad()
-    def _classify(self, patches: torch.Tensor, memory: torch.Tensor, t: int):
-        feats, fmap = self.model.focus_encoder(patches)
-        logits, memory = self.model.classifier.step(feats, memory, t)
-        return feats, fmap, logits.float().softmax(1), memory
 
     def _focus(self, corners: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The focus encoder's pooled features (N, D) and spatial map (N, D, h, w) of the chosen patches: live, or
@@ -454,7 +443,8 @@ class GlanceFocusVectorEnv(VectorEnv):
     def _random_glimpse_probs(self) -> torch.Tensor:
         loc = torch.rand(self.num_envs, 2, generator=self._gen, device=self.device)
         corners = location_to_corner(loc, self.height, self.width, self.patch_size)
-        return self._classify(crop(self.images, corners, self.patch_size), self.memory, 1)[2]
+        feats, _ = self.model.focus_encoder(crop(self.images, corners, self.patch_size))
+        return self.model.classifier.step(feats, self.memory, 1)[0].float().softmax(1)
 
     def action_masks(self) -> np.ndarray:
         """(N, A) bool: the grid cells not yet visited (and the stop action), for MaskablePPO."""

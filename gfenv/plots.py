@@ -41,6 +41,15 @@ def _static_point(ax: Any, static: dict | None) -> None:
                 linestyle="none", label=STATIC_LABEL)
 
 
+def _finish(fig: Any, ax: Any, path: str | os.PathLike, static: dict | None, xlabel: str, title: str) -> Path:
+    """The static model's star, labels, grid and legend; the figure saved to ``path``."""
+    _static_point(ax, static)
+    ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_anytime(results: dict[str, dict], path: str | os.PathLike, static: dict | None = None,
                  title: str = "") -> Path:
     """Accuracy after each step 1..T against the cumulative MACs per image, one line per agent (error bars: std
@@ -50,12 +59,8 @@ def plot_anytime(results: dict[str, dict], path: str | os.PathLike, static: dict
         macs = np.asarray(r["macs"]) / 1e6
         ax.errorbar(macs, r["accuracy"], yerr=r.get("accuracy_std"), marker="o", markersize=4, capsize=2,
                     label=label)
-    _static_point(ax, static)
-    ax.set(xlabel="multiply-adds per image (M)", ylabel="top-1 accuracy (%)",
-           title=title or "Anytime prediction: accuracy after each glimpse")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, static, "multiply-adds per image (M)",
+                   title or "Anytime prediction: accuracy after each glimpse")
 
 
 def plot_budgeted(results: dict[str, dict], path: str | os.PathLike, static: dict | None = None,
@@ -71,12 +76,8 @@ def plot_budgeted(results: dict[str, dict], path: str | os.PathLike, static: dic
                 stop = r["learned_stop"]
                 ax.plot([stop["macs"] / 1e6], [stop["accuracy"]], marker="D", color=line.get_color(),
                         linestyle="none", label=f"{label} (own stop)")
-    _static_point(ax, static)
-    ax.set(xlabel="average multiply-adds per image (M)", ylabel="top-1 accuracy (%)",
-           title=title or "Budgeted batch classification (thresholds fitted on train images)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, static, "average multiply-adds per image (M)",
+                   title or "Budgeted batch classification (thresholds fitted on train images)")
 
 
 def plot_patches(pictures: dict[str, dict], path: str | os.PathLike, title: str = "") -> Path:

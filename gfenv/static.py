@@ -30,7 +30,7 @@ from gfenv.env import GlanceFocusVectorEnv
 from gfenv.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
 from gfenv.models import build_encoder
-from gfenv.training import autocast_dtype, seed_everything
+from gfenv.training import autocast_dtype, load_training_state, seed_everything
 
 STATIC_FORMAT = "gfenv-static-v1"
 
@@ -308,16 +308,12 @@ def train_static(cfg: StaticConfig, run_dir: str | Path, resume: bool = False, p
     start = 0
     last = run_dir / "last.pt"
     if resume:
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume.")
-        state = load_checkpoint(last, map_location=device)
-        if state.get("format") != STATIC_FORMAT:
-            raise CheckpointError(f"--resume: {last} is not a static-reference training state; use another "
-                                  f"--run-dir.")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["iteration"])
+        def check(state: dict) -> None:
+            if state.get("format") != STATIC_FORMAT:
+                raise CheckpointError(f"--resume: {last} is not a static-reference training state; use another "
+                                      f"--run-dir.")
+
+        start = int(load_training_state(last, device, model, opt, sched, check)["iteration"])
 
     def save_state(iteration: int) -> None:
         save_checkpoint(last, {**_payload(model, {"dataset": cfg.dataset, "iteration": iteration}),

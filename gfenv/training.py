@@ -208,6 +208,22 @@ def _make_optimizer(model: GFNetModel, cfg: Stage1Config) -> torch.optim.Optimiz
 
 
 @torch.no_grad()
+def load_training_state(last: Path, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer,
+                        sched: torch.optim.lr_scheduler.LRScheduler, check: Callable[[dict], None] | None = None,
+                        ) -> dict:
+    """``--resume``: the training state saved in ``last`` (``check`` may refuse it) loaded into the model, optimiser
+    and schedule; returns the whole state (``iteration``, generators, ...)."""
+    if not last.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume.")
+    state = load_checkpoint(last, map_location=device)
+    if check is not None:
+        check(state)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state
+
+
 def random_policy_accuracy(model: GFNetModel, source: ImageSource, images: int = 2000, batch_size: int = 250,
                            seed: int = 0) -> list[float]:
     """Accuracy (%) after each step with uniformly random focus locations, on the first ``images`` of ``source``."""
@@ -265,12 +281,7 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
     start = 0
     last = run_dir / "last.pt"
     if resume:
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume.")
-        state = load_checkpoint(last, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = load_training_state(last, device, model, opt, sched)
         start = int(state["iteration"])
         generators = state.get("generators") or [state["generator"]]
         if rank < len(generators):

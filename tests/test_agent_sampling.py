@@ -15,14 +15,6 @@ PPO_TINY = {"n_steps": 8, "batch_size": 32, "n_epochs": 1}
 CASES = [("maskable_ppo", "grid"), ("ppo", "continuous"), ("gfnet_ppo", "grid"), ("gfnet_ppo", "continuous")]
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the env's small convolutions run far faster single-threaded on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 def _agent(name: str, action: str, seed: int = 0):
     kwargs = {} if name == "gfnet_ppo" else {"hyperparams": PPO_TINY}
     return make_agent(name, env_kwargs={"action": action}, num_envs=8, seed=seed, **kwargs)

@@ -10,7 +10,6 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.vector.vector_env import AutoresetMode
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import PPO
@@ -22,14 +21,6 @@ from gfenv.sb3 import SB3VecEnv, to_sb3
 from gfenv.stage3 import Stage3Config, Stage3Wrapper
 
 PPO_KW = {"n_steps": 8, "batch_size": 32, "n_epochs": 1, "device": "cpu"}
-
-
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the env's small convolutions run far faster single-threaded on a shared CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 def _random_actions(venv: VecEnv, rng: np.random.Generator) -> np.ndarray:
