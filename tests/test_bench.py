@@ -29,5 +29,12 @@ def test_bench_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--skip", "warp"])
     assert "Unknown measure" in capsys.readouterr().err
+    if not bench.torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.main(["--device", "cuda"])
+        assert "CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--cycles", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--device cuda"):
         bench.bench_memory(bench.torch.device("cpu"))
