@@ -32,7 +32,7 @@ from gfenv import ENV_ID
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.evaluation import benchmark, format_table, render_episodes
 from gfenv.leaderboard import LEGEND, format_budgeted, leaderboard_rows, markdown_leaderboard, markdown_report
-from gfenv.utils import parse_kv
+from gfenv.utils import keep_freed_memory, parse_kv
 
 REFERENCES = ("random", "oracle")
 
@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # no page faults on the env's big per-step tensors (gfenv.utils)
     if args.gfnet_checkpoint:
         return gfnet_checkpoint(args)
     specs = parse_agents(args.agents, parser)

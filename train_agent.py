@@ -29,7 +29,7 @@ from agents.learned import learned_agent_names
 from agents.training import PolicyTrainingConfig, choose_run_dir, train_policy
 from gfenv import ENV_ID
 from gfenv.training import Stage1Config, train_stage1
-from gfenv.utils import parse_kv
+from gfenv.utils import keep_freed_memory, parse_kv
 
 ENV_TO_STAGE1 = {"patch_size", "steps", "backbone", "classifier", "hidden", "glance_mode"}
 
@@ -208,6 +208,7 @@ def static_stage(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # no page faults on the env's big per-step tensors (gfenv.utils)
     if args.env not in gymnasium.registry:
         parser.error(f"Unknown env id {args.env!r}. Registered gfenv ids: "
                      f"{', '.join(sorted(e for e in gymnasium.registry if e.startswith('gfenv/')))}.")

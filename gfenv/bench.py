@@ -38,6 +38,8 @@ from gymnasium.vector.vector_env import AutoresetMode
 
 from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
 from gfenv.glimpse import crop, glance
+from gfenv.models import encode
+from gfenv.utils import keep_freed_memory
 
 KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo")
 
@@ -122,12 +124,12 @@ def floor_workload(env: GlanceFocusVectorEnv, episodes: int) -> Workload:
     @torch.no_grad()
     def run():
         for _ in range(episodes):
-            feats, _ = model.glance_encoder(glance_in)
+            feats, _ = encode(model.glance_encoder, glance_in)
             memory = model.classifier.init_state(n, device=env.device)
             logits, memory = model.classifier.step(feats, memory, 0)
             logits.float().softmax(1)
             for t, x in enumerate(patches, start=1):
-                feats, _ = model.focus_encoder(x)
+                feats, _ = encode(model.focus_encoder, x)
                 logits, memory = model.classifier.step(feats, memory, t)
                 logits.float().softmax(1)
 
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the batched steps")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as the project's scripts do (gfenv.utils): no page faults on big per-step tensors
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     unknown = sorted(set(skip) - set(KEYS))
     if unknown:

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gfenv.glimpse import crop, glance
+from gfenv.models import encode
 
 CACHE_MODES = ("memory", "disk")
 
@@ -112,7 +113,7 @@ class FeatureCache:
         device = corners.device
         c = source.image_shape[0]
         probe = torch.zeros(1, c, patch_size, patch_size, device=device)
-        feats, fmap = model.glance_encoder(probe)
+        feats, fmap = encode(model.glance_encoder, probe)
         plan = CachePlan(images, corners.shape[0], feats.shape[1], tuple(fmap.shape[1:]), with_cell_maps)
         where = "in memory" if mode == "memory" else f"on disk in {cache_dir}"
         _say(f"gfenv feature cache: {images} images x {plan.cells} cells "
@@ -131,8 +132,8 @@ class FeatureCache:
         else:
             if cache_dir is None:
                 raise ValueError("cache='disk' needs cache_dir=PATH, the folder that holds the cache files.")
-            key = {"images": images, "patch": patch_size, "corners": corners.tolist(), "maps": with_cell_maps,
-                   "glance_mode": model.config.glance_mode, "classes": source.num_classes,
+            key = {"format": 2, "images": images, "patch": patch_size, "corners": corners.tolist(),
+                   "maps": with_cell_maps, "glance_mode": model.config.glance_mode, "classes": source.num_classes,
                    "shape": list(source.image_shape)}
             path = Path(cache_dir) / f"features-{_fingerprint(model, source, key)}"
             done = path / "complete.json"
@@ -151,9 +152,9 @@ class FeatureCache:
                           disable=None if progress else True):
             idx = torch.arange(start, min(start + chunk, images), device=device)
             imgs, labels = source.get(idx)
-            g_feats, g_map = model.glance_encoder(glance(imgs, patch_size, model.config.glance_mode))
+            g_feats, g_map = encode(model.glance_encoder, glance(imgs, patch_size, model.config.glance_mode))
             rep = imgs.repeat_interleave(cells, 0)
-            c_feats, c_map = model.focus_encoder(crop(rep, corners.repeat(len(idx), 1), patch_size))
+            c_feats, c_map = encode(model.focus_encoder, crop(rep, corners.repeat(len(idx), 1), patch_size))
             rows = slice(start, start + len(idx))
             values = {"labels": labels, "glance_features": g_feats, "glance_maps": g_map,
                       "cell_features": c_feats.reshape(len(idx), cells, -1)}

@@ -30,6 +30,8 @@ class ImageSource:
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W)
     device: torch.device
+    finite_by_construction: bool = False
+    """True when ``get`` cannot return NaN or inf (e.g. clamped procedural images): the env skips its check."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -130,6 +132,7 @@ class GlyphSource(ImageSource):
     """
 
     num_classes = 10
+    finite_by_construction = True  # finite paints and noise, clamped to [0, 1]
 
     def __init__(self, split: str = "train", device: torch.device | str = "cpu", canvas: int = 128,
                  glyph_size: int = 16, fragments: int = 8, fragment_size: int = 8, noise: float = 0.1,

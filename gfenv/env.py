@@ -24,6 +24,7 @@ from gfenv.checkpoint import load_model
 from gfenv.data import DATASETS, make_source
 from gfenv.flops import model_macs
 from gfenv.glimpse import check_patch_size, crop, glance, grid_corners, location_to_corner
+from gfenv.models import encode
 from gfenv.rewards import Reward, RewardFn, check_finite
 
 ACTION_MODES = ("continuous", "grid", "grid+stop")
@@ -181,7 +182,7 @@ class GlanceFocusVectorEnv(VectorEnv):
 
         with torch.no_grad():
             probe = torch.zeros(1, c, self.patch_size, self.patch_size, device=self.device)
-            _, fmap = self.model.glance_encoder(probe)
+            _, fmap = encode(self.model.glance_encoder, probe)
         self.feature_dim = self.model.feature_dim
         self.glance_map_shape = tuple(fmap.shape[1:])  # (D, h, w)
         self.state_dim = self.model.classifier.state_dim
@@ -257,9 +258,10 @@ class GlanceFocusVectorEnv(VectorEnv):
             values = {}
         else:
             images, labels = self.source.get(idx)
-            check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
+            if not self.source.finite_by_construction:
+                check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
             g = glance(images, self.patch_size, self.model.config.glance_mode)
-            feats, fmap = self.model.glance_encoder(g)
+            feats, fmap = encode(self.model.glance_encoder, g)
             values = {"images": images}
         if labels.numel():
             _check_labels(labels, self.num_classes)
@@ -332,7 +334,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         """The focus encoder's pooled features (N, D) and spatial map (N, D, h, w) of the chosen patches: live, or
         gathered from the feature cache (the map only where it is cached, i.e. for observation="gfnet")."""
         if self.cache is None:
-            return self.model.focus_encoder(crop(self.images, corners, self.patch_size))
+            return encode(self.model.focus_encoder, crop(self.images, corners, self.patch_size))
         fmap = self.cache.take("cell_maps", self.index, cell) if "cell_maps" in self.cache.tensors else None
         return self.cache.take("cell_features", self.index, cell), fmap
 
@@ -443,7 +445,7 @@ class GlanceFocusVectorEnv(VectorEnv):
     def _random_glimpse_probs(self) -> torch.Tensor:
         loc = torch.rand(self.num_envs, 2, generator=self._gen, device=self.device)
         corners = location_to_corner(loc, self.height, self.width, self.patch_size)
-        feats, _ = self.model.focus_encoder(crop(self.images, corners, self.patch_size))
+        feats, _ = encode(self.model.focus_encoder, crop(self.images, corners, self.patch_size))
         return self.model.classifier.step(feats, self.memory, 1)[0].float().softmax(1)
 
     def action_masks(self) -> np.ndarray:
@@ -466,7 +468,7 @@ class GlanceFocusVectorEnv(VectorEnv):
             self._cell_features = self.cache.take("cell_features", self.index)
         elif self._cell_features is None or self._cell_features.shape[0] != n:
             rep = self.images.repeat_interleave(cells, 0)
-            feats, _ = self.model.focus_encoder(crop(rep, self.corners.repeat(n, 1), self.patch_size))
+            feats, _ = encode(self.model.focus_encoder, crop(rep, self.corners.repeat(n, 1), self.patch_size))
             self._cell_features = feats.reshape(n, cells, -1)  # (N, G*G, D)
         memory = self.memory.repeat_interleave(cells, 0)
         t = self._t_host if self._lockstep else 1

@@ -7,6 +7,8 @@ over per-step features with a linear head, or the cascaded variant (one linear h
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +48,56 @@ class SmallCNN(nn.Module):
 @register_backbone("small_cnn")
 def small_cnn(in_channels: int = 1, weights: str | None = None, **kwargs) -> nn.Module:
     return SmallCNN(in_channels, **kwargs)
+
+
+class _Frozen:
+    """The inference copy of one frozen encoder and the weights' versions it was built from."""
+
+    __slots__ = ("channels_last", "key", "module")
+
+    def __init__(self, key: tuple, module: nn.Module, channels_last: bool):
+        self.key, self.module, self.channels_last = key, module, channels_last
+
+
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, _Frozen] = weakref.WeakKeyDictionary()
+
+
+def _fold_into(module: nn.Module) -> nn.Module:
+    """``module`` (modified in place) with each eval-mode BatchNorm folded into the convolution before it (torch.fx's
+    fuse); a module that cannot be traced whole (e.g. a shape check in ``forward``) has its children folded."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(module, inplace=True)
+    except Exception:  # not symbolically traceable: fold what is below it
+        for name, child in module.named_children():
+            setattr(module, name, _fold_into(child))
+        return module
+
+
+def _fold(encoder: nn.Module, channels_last: bool) -> nn.Module:
+    folded = _fold_into(copy.deepcopy(encoder))
+    return folded.to(memory_format=torch.channels_last) if channels_last else folded
+
+
+def encode(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encoder(x)`` for the env: frozen encoders (eval mode, no parameter requiring grad) run as an inference copy
+    with BatchNorm folded into the convolutions (and channels_last on a CPU, where oneDNN's kernels are about twice
+    as fast on the small CNN); the same outputs to float rounding (about 1e-6 of the features' scale). The copy is
+    rebuilt whenever the encoder's weights change (tensor version counters: optimiser steps, ``load_state_dict``),
+    so observations always follow the weights in use. Encoders in training or with trainable parameters run as
+    they are."""
+    tensors = [*encoder.parameters(), *encoder.buffers()]
+    if encoder.training or any(p.requires_grad for p in tensors) or not tensors:
+        return encoder(x)
+    key = (x.device, x.dtype, *(id(t) for t in tensors), *(t._version for t in tensors))
+    frozen = _FROZEN.get(encoder)
+    if frozen is None or frozen.key != key:
+        channels_last = x.device.type == "cpu" and x.dim() == 4
+        frozen = _FROZEN[encoder] = _Frozen(key, _fold(encoder, channels_last), channels_last)
+    if frozen.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return frozen.module(x)
 
 
 def build_encoder(name: str, in_channels: int, weights: str | None = None, **kwargs) -> nn.Module:
