@@ -14,7 +14,9 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 Timing: the measures take turns in ``--cycles`` rounds, each measure a block of one warm-up run and ``--repeats``
 timed runs (``per_env`` and ``sb3_ppo``: the first round only, half the runs); a figure is the median over rounds of
 its block medians, and each ratio the median over rounds of the ratio within a round, so that it compares blocks
-taken moments apart on a machine whose speed drifts. The thread count is printed. ``--memory``
+taken moments apart on a machine whose speed drifts. The thread count is printed. Like the project's scripts, the
+command keeps freed heap memory for reuse (``gfenv.utils.keep_freed_memory``), and every measure runs the frozen
+encoders the way the env does (``gfenv.models.encode``: BatchNorm folded, channels_last on a CPU). ``--memory``
 (CUDA) adds the peak GPU memory of a stage-1 training step of GFNet's ImageNet setting (ResNet-50, P = 96, T = 5,
 effective batch 256) under several memory settings.
 """

@@ -93,11 +93,17 @@ class FeatureCache:
         return self.images
 
     def take(self, name: str, *index: torch.Tensor) -> torch.Tensor:
-        """``tensors[name][index]`` on the env's device (disk caches gather on the host, then copy)."""
-        t = self.tensors[name]
+        """``tensors[name][index]`` on the env's device (disk caches gather on the host, then copy). Two indices
+        (images, cells) become one row gather over the flattened (image, cell) rows."""
+        t, rows = self.tensors[name], index[0]
+        if len(index) == 2:
+            rows = index[0] * t.shape[1] + index[1]
+            t = t.flatten(0, 1)
+        elif len(index) != 1:
+            raise ValueError(f"take({name!r}, ...) takes image indices and, optionally, cell indices.")
         if self.on_device:
-            return t[index]
-        return t[tuple(i.cpu() for i in index)].to(self.device, non_blocking=True)
+            return t.index_select(0, rows)
+        return t.index_select(0, rows.cpu()).to(self.device, non_blocking=True)
 
     @classmethod
     @torch.no_grad()
