@@ -11,14 +11,15 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 - ``sb3_ppo``: PPO's collect + train through the SB3 adapter (the project's ppo hyperparameters), env steps per second;
 - ratios ``batched_over_per_env``, ``floor_over_batched`` (step time / floor time) and ``cached_over_batched``.
 
-Timing: the measures take turns in ``--cycles`` rounds, each measure a block of one warm-up run and ``--repeats``
-timed runs (``per_env`` and ``sb3_ppo``: the first round only, half the runs); a figure is the median over rounds of
-its block medians, and each ratio the median over rounds of the ratio within a round, so that it compares blocks
-taken moments apart on a machine whose speed drifts. The thread count is printed. Like the project's scripts, the
-command keeps freed heap memory for reuse (``gfenv.utils.keep_freed_memory``), and every measure runs the frozen
-encoders the way the env does (``gfenv.models.encode``: BatchNorm folded, channels_last on a CPU). ``--memory``
-(CUDA) adds the peak GPU memory of a stage-1 training step of GFNet's ImageNet setting (ResNet-50, P = 96, T = 5,
-effective batch 256) under several memory settings.
+Timing: ``--cycles`` cycles; in each, every measure runs once to warm up, then the fast measures take turns run by
+run for ``--repeats`` rounds (``per_env`` and ``sb3_ppo``: the first cycle only, a block of half the runs); a figure
+is the median over cycles of its median run, and a ratio the median over all rounds of the ratio of the two runs of
+that round, so that it compares runs taken moments apart on a machine whose speed drifts. The thread count is
+printed. Like the project's scripts, the command keeps freed heap memory for reuse
+(``gfenv.utils.keep_freed_memory``), and every measure runs the frozen encoders the way the env does
+(``gfenv.models.encode``: BatchNorm folded, channels_last on a CPU). ``--memory`` (CUDA) adds the peak GPU memory
+of a stage-1 training step of GFNet's ImageNet setting (ResNet-50, P = 96, T = 5, effective batch 256) under
+several memory settings.
 """
 
 from __future__ import annotations
@@ -154,27 +155,34 @@ def sb3_ppo_workload(num_envs: int, device: str, rollouts: int) -> Workload:
     return Workload(lambda: agent.learn(rollouts * per_rollout), rollouts * per_rollout)
 
 
-def time_blocks(workloads: dict[str, Workload], repeats: int, cycles: int, device: torch.device,
-                slow: tuple[str, ...] = ("per_env", "sb3_ppo")) -> list[dict[str, float]]:
-    """Per cycle, the median seconds per run of each workload: the workloads take turns, each as a block of one
-    warm-up run and ``repeats`` timed runs, so that each cycle's ratios compare blocks taken minutes apart at most
-    while every block runs warm. The ``slow`` ones run in the first cycle only."""
+def _time_run(w: Workload, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    w.run()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_rounds(workloads: dict[str, Workload], repeats: int, cycles: int, device: torch.device,
+                slow: tuple[str, ...] = ("per_env", "sb3_ppo")) -> list[dict[str, list[float]]]:
+    """Per cycle, the seconds of each timed run of each workload. Within a cycle every workload runs once to warm
+    up, then the fast ones take turns run by run (``repeats`` rounds of one run each), so that each ratio compares
+    runs taken moments apart on a machine whose speed drifts by tens of percent within seconds. The ``slow`` ones run
+    in the first cycle only, as a block of max(2, repeats // 2) runs after the rounds."""
     out = []
     for c in range(cycles):
-        medians = {}
-        for name, w in workloads.items():
-            if name in slow and c > 0:
-                continue
-            w.run()
+        names = [n for n in workloads if n not in slow or c == 0]
+        for name in names:
+            workloads[name].run()
             _sync(device)
-            times = []
-            for _ in range(repeats if name not in slow else max(2, repeats // 2)):
-                t0 = time.perf_counter()
-                w.run()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            medians[name] = statistics.median(times)
-        out.append(medians)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        fast = [n for n in names if n not in slow]
+        for _ in range(repeats):
+            for name in fast:
+                times[name].append(_time_run(workloads[name], device))
+        for name in names:
+            if name in slow:
+                times[name] = [_time_run(workloads[name], device) for _ in range(max(2, repeats // 2))]
+        out.append(times)
     return out
 
 
@@ -253,22 +261,30 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 5, episodes: in
         "sb3_ppo": lambda: sb3_ppo_workload(num_envs, device, 1),
     }
     workloads = {key: makers[key]() for key in KEYS if key not in skip}
-    per_cycle = time_blocks(workloads, repeats, cycles, dev)
-    details = report["details"] = {"cycles": per_cycle}
+    per_cycle = time_rounds(workloads, repeats, cycles, dev)
+    details = report["details"] = {"seconds_per_run": per_cycle}
     for key, w in workloads.items():
-        rates = [w.steps / cycle[key] for cycle in per_cycle if key in cycle]
+        rates = [w.steps / statistics.median(cycle[key]) for cycle in per_cycle if key in cycle]
         report[key] = statistics.median(rates)
         details[key] = {"steps_per_s": rates, "steps_per_repeat": w.steps}
         log(f"  {key:<8} {report[key]:>12,.0f} steps/s")
-    # each ratio: rate of the first over rate of the second within a cycle; the median over cycles
+    # each ratio: the median of the ratios of runs taken side by side (the same round of the same cycle); against a
+    # slow measure (one block in the first cycle), the ratio of that cycle's medians
     ratios = {"batched_over_per_env": ("batched", "per_env"), "floor_over_batched": ("floor", "batched"),
               "cached_over_batched": ("cached", "batched")}
     for name, (x, y) in ratios.items():
         if x in workloads and y in workloads:
-            per_cycle_ratio = [(workloads[x].steps / cycle[x]) / (workloads[y].steps / cycle[y])
-                               for cycle in per_cycle if x in cycle and y in cycle]
-            report[name] = statistics.median(per_cycle_ratio)
-            details[name] = per_cycle_ratio
+            sx, sy = workloads[x].steps, workloads[y].steps
+            paired = []
+            for cycle in per_cycle:
+                if x not in cycle or y not in cycle:
+                    continue
+                if len(cycle[x]) == len(cycle[y]) == repeats and y not in ("per_env", "sb3_ppo"):
+                    paired += [(sx / tx) / (sy / ty) for tx, ty in zip(cycle[x], cycle[y], strict=True)]
+                else:
+                    paired.append((sx / statistics.median(cycle[x])) / (sy / statistics.median(cycle[y])))
+            report[name] = statistics.median(paired)
+            details[name] = paired
     if memory:
         report["memory"] = bench_memory(dev)
     if profile:

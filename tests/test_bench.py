@@ -17,8 +17,10 @@ def test_bench_cli_writes_every_measure_and_ratio(tmp_path, capsys):
     for key in (*bench.KEYS, "batched_over_per_env", "floor_over_batched", "cached_over_batched"):
         assert report[key] > 0, key
     assert report["threads"] == 1 and report["num_envs"] == 4 and report["device"] == "cpu"
-    per_cycle = report["details"]["floor_over_batched"]  # one ratio per cycle, the median reported
-    assert len(per_cycle) == 2 and report["floor_over_batched"] == pytest.approx(sum(per_cycle) / 2)
+    paired = report["details"]["floor_over_batched"]  # one ratio per round (1 run each) of each of the 2 cycles
+    assert len(paired) == 2 and report["floor_over_batched"] == pytest.approx(sum(paired) / 2)
+    runs = report["details"]["seconds_per_run"]
+    assert len(runs) == 2 and len(runs[0]["batched"]) == 1 and "per_env" not in runs[1]
     assert len(report["details"]["batched_over_per_env"]) == 1  # per_env runs in the first cycle only
     assert report["details"]["batched"]["steps_per_repeat"] == 4 * 4  # N slots x (T - 1) steps
     printed = capsys.readouterr().out
