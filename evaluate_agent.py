@@ -27,6 +27,7 @@ import gymnasium
 import yaml
 
 from agents import AGENTS, load_agent, make_agent
+from agents.learned import run_folder
 from agents.pipeline import oracle_normalised
 from gfenv import ENV_ID
 from gfenv.env import GlanceFocusVectorEnv
@@ -130,7 +131,7 @@ def trained_runs(specs: dict[str, str | None], seeds: list[int], env_id: str) ->
             if not path.exists():
                 raise FileNotFoundError(f"Run dir {path} of agent {label!r} (seed {seed}) does not exist; train it "
                                         f"with python train_agent.py --stage 2 --seed {seed} --run-dir {path}.")
-        config_file = (dirs[0] if dirs[0].is_dir() else dirs[0].parent) / "config.yml"
+        config_file = run_folder(dirs[0]) / "config.yml"
         config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
         trained_env = config.get("env", env_id)
         if trained_env != env_id:

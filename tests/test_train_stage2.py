@@ -149,6 +149,20 @@ def test_stage_3_cli_fine_tunes_on_the_glimpses_of_a_stage_2_run(tmp_path, capsy
                              "update_every=8", "batch_size=8"]) == 0
     model, meta = load_model(run / "stage3" / "model.pt")
     assert meta["stage"] == 3
+    # the run's policy with its fine-tuned classifier, as one agent (evaluate_agent.py --agents label=<run>/stage3/...)
+    agent = load_agent(run / "stage3" / "model.pt")
+    assert agent.name == "ppo" and agent.env_kwargs["checkpoint"] == str(run / "stage3" / "model.pt")
+    env = GlanceFocusVectorEnv(num_envs=2, split="test", seed=0, **agent.env_kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(env.model.state_dict().values(), model.state_dict().values()))
+    import evaluate_agent
+
+    out = tmp_path / "eval.json"
+    assert evaluate_agent.main(["--agents", f"s3={run / 'stage3' / 'model.pt'}", "--episodes", "4",
+                                "--threshold-episodes", "0", "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["agents"]["s3"]
+    assert result["env_kwargs"]["checkpoint"] == str(run / "stage3" / "model.pt")
+    with pytest.raises(FileNotFoundError, match="--stage 3 --run-dir"):
+        load_agent(run / "stage3" / "other.pt")
     assert train_agent.main(["--stage", "3"]) == 2
     assert "--run-dir" in capsys.readouterr().err
 
