@@ -7,6 +7,7 @@ Gymnasium's and Stable-Baselines3's checkers and for plain ``gymnasium.make``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,19 @@ OBSERVATION_MODES = ("dict", "gfnet", "flat")
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_CHECKPOINT = ASSETS / "glyphs_small_cnn.pt"
 FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker refuses infinite Box bounds
+
+
+def _state_safe(fn):
+    """Run an env method under ``torch.no_grad()`` and never in inference mode: the env's state tensors are updated in
+    place on later calls, so they must not become inference tensors when a caller steps the env inside
+    ``torch.inference_mode()`` (e.g. an evaluation) and then outside it (e.g. training)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, dataset: str, dataset_kwargs: dict) -> Path:
@@ -246,7 +260,7 @@ class GlanceFocusVectorEnv(VectorEnv):
             return idx
         return torch.randint(self._num_images, (count,), generator=self._gen, device=self.device)
 
-    @torch.no_grad()
+    @_state_safe
     def _reset_slots(self, rows: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Start new episodes in ``rows`` (all slots when None), or in the slots where ``mask`` is True (computed for
         every slot, kept where the mask says: no host sync): draw images, take the glance."""
@@ -348,7 +362,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         self._t_host = 1
         return self._observation(), self._info()
 
-    @torch.no_grad()
+    @_state_safe
     def step(self, actions: Any):
         if self._t_host == 0:
             raise gym.error.ResetNeeded("Call reset() before step().")
@@ -441,7 +455,7 @@ class GlanceFocusVectorEnv(VectorEnv):
                 memory = torch.where(rows[:, None], mem, memory)
         return logits, memory
 
-    @torch.no_grad()
+    @_state_safe
     def _random_glimpse_probs(self) -> torch.Tensor:
         loc = torch.rand(self.num_envs, 2, generator=self._gen, device=self.device)
         corners = location_to_corner(loc, self.height, self.width, self.patch_size)
@@ -457,7 +471,7 @@ class GlanceFocusVectorEnv(VectorEnv):
             masks = torch.cat([masks, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device)], 1)
         return masks.cpu().numpy()
 
-    @torch.no_grad()
+    @_state_safe
     def cell_confidences(self) -> torch.Tensor:
         """(N, G*G): the true-class probability the classifier would have after a focus patch on each grid cell.
 

@@ -235,3 +235,20 @@ def test_single_env_matches_a_slot_of_the_vector_env():
     r_s = single.step(np.array([0.2, -0.4], dtype=np.float32))[1]
     r_v = vec.step(torch.tensor([[0.2, -0.4]]))[1]
     assert r_s == pytest.approx(float(r_v[0]))
+
+
+def test_stepping_inside_inference_mode_then_outside_gives_the_same_episodes():
+    actions = [torch.tensor([i % 49, (3 * i) % 49, 7, 0]) for i in range(9)]
+
+    def run(env, inference_first: bool) -> list[torch.Tensor]:
+        with torch.inference_mode(inference_first):  # e.g. an evaluation; the env's state must stay usable after it
+            env.reset(seed=0)
+            rewards = [env.step(a)[1] for a in actions[:3]]
+            env.cell_confidences()
+        env.reset(seed=1)  # training goes on outside inference mode
+        return rewards + [env.step(a)[1] for a in actions[3:]]
+
+    expected = run(GlanceFocusVectorEnv(num_envs=4, action="grid", seed=0), inference_first=False)
+    got = run(GlanceFocusVectorEnv(num_envs=4, action="grid", seed=0), inference_first=True)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
