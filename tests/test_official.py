@@ -244,14 +244,20 @@ def test_report_prints_stored_results_and_needs_an_imagenet_folder(official, tmp
         gfnet_checkpoint_report(path, data_root=tmp_path / "imagenet")
 
 
+def _imagenet_like(root, per_class: int, size: tuple[int, int], seed: int) -> None:
+    """ImageNet's layout, <root>/val/<wnid>/<image>, with random RGB images: one folder per class."""
+    rng = np.random.default_rng(seed)
+    for k in range(CLASSES):
+        folder = root / "val" / f"n{k:08d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
 def test_report_reevaluates_on_an_imagefolder(tmp_path):
     parts = official_parts("densenet121", seed=4)
     path = save_official(parts, tmp_path / "d121.pth.tar", "densenet121")
-    rng = np.random.default_rng(0)
-    for k in range(CLASSES):
-        folder = tmp_path / "imagenet" / "val" / f"n{k:08d}"
-        folder.mkdir(parents=True)
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    _imagenet_like(tmp_path / "imagenet", per_class=1, size=(40, 48), seed=0)
     text = gfnet_checkpoint_report(path, data_root=tmp_path / "imagenet", max_images=6, batch_size=4)
     line = next(line for line in text.splitlines() if "re-evaluated" in line)
     assert f"6 images of {tmp_path / 'imagenet'}" in line
@@ -268,12 +274,7 @@ def test_report_reevaluates_on_an_imagefolder(tmp_path):
 def test_report_reevaluates_on_cuda_as_on_cpu(tmp_path):
     parts = official_parts("resnet50", seed=5)
     path = save_official(parts, tmp_path / "r50.pth.tar", "resnet50")
-    rng = np.random.default_rng(1)
-    for k in range(CLASSES):
-        folder = tmp_path / "imagenet" / "val" / f"n{k:08d}"
-        folder.mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    _imagenet_like(tmp_path / "imagenet", per_class=3, size=(64, 80), seed=1)
     lines = {}
     for device in ("cpu", "cuda"):
         text = gfnet_checkpoint_report(path, data_root=tmp_path / "imagenet", device=device, batch_size=16)
