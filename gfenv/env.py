@@ -197,6 +197,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         with torch.no_grad():
             probe = torch.zeros(1, c, self.patch_size, self.patch_size, device=self.device)
             _, fmap = encode(self.model.glance_encoder, probe)
+            encode(self.model.focus_encoder, probe)  # builds the folded copy now, not inside the first (sync-free) step
         self.feature_dim = self.model.feature_dim
         self.glance_map_shape = tuple(fmap.shape[1:])  # (D, h, w)
         self.state_dim = self.model.classifier.state_dim
