@@ -82,8 +82,9 @@ def _fold(encoder: nn.Module, channels_last: bool) -> nn.Module:
 
 def encode(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``encoder(x)`` for the env: frozen encoders (eval mode, no parameter requiring grad) run as an inference copy
-    with BatchNorm folded into the convolutions (and channels_last on a CPU, where oneDNN's kernels are about twice
-    as fast on the small CNN); the same outputs to float rounding (about 1e-6 of the features' scale). The copy is
+    with BatchNorm folded into the convolutions (and channels_last on a CPU, where oneDNN's kernels are faster on the
+    small CNN: ``benchmarks/cpu_step_parts.py``); the same outputs to float rounding (about 1e-6 of the features'
+    scale). The copy holds its own weights (one more encoder's worth of memory). The copy is
     rebuilt whenever the encoder's weights change (tensor version counters: optimiser steps, ``load_state_dict``),
     so observations always follow the weights in use. Encoders in training or with trainable parameters run as
     they are."""
