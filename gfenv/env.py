@@ -36,9 +36,10 @@ FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker ref
 
 
 def _state_safe(fn):
-    """Run an env method under ``torch.no_grad()`` and never in inference mode: the env's state tensors are updated in
-    place on later calls, so they must not become inference tensors when a caller steps the env inside
-    ``torch.inference_mode()`` (e.g. an evaluation) and then outside it (e.g. training)."""
+    """Run a public env method (``reset``, ``step``, ``cell_confidences``; the internals they call rely on it) under
+    ``torch.no_grad()`` and never in inference mode: the env's state tensors are updated in place on later calls, so
+    they must not become inference tensors when a caller steps the env inside ``torch.inference_mode()`` (e.g. an
+    evaluation) and then outside it (e.g. training)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -261,7 +262,6 @@ class GlanceFocusVectorEnv(VectorEnv):
             return idx
         return torch.randint(self._num_images, (count,), generator=self._gen, device=self.device)
 
-    @_state_safe
     def _reset_slots(self, rows: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Start new episodes in ``rows`` (all slots when None), or in the slots where ``mask`` is True (computed for
         every slot, kept where the mask says: no host sync): draw images, take the glance."""
@@ -354,6 +354,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         return self.cache.take("cell_features", self.index, cell), fmap
 
     # ------------------------------------------------------------------------------------------------ the API
+    @_state_safe
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         if seed is not None:
             s = seed[0] if isinstance(seed, (list, tuple)) else seed
@@ -456,7 +457,6 @@ class GlanceFocusVectorEnv(VectorEnv):
                 memory = torch.where(rows[:, None], mem, memory)
         return logits, memory
 
-    @_state_safe
     def _random_glimpse_probs(self) -> torch.Tensor:
         loc = torch.rand(self.num_envs, 2, generator=self._gen, device=self.device)
         corners = location_to_corner(loc, self.height, self.width, self.patch_size)
