@@ -11,6 +11,7 @@ import copy
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -50,13 +51,12 @@ def small_cnn(in_channels: int = 1, weights: str | None = None, **kwargs) -> nn.
     return SmallCNN(in_channels, **kwargs)
 
 
-class _Frozen:
+class _Frozen(NamedTuple):
     """The inference copy of one frozen encoder and the weights' versions it was built from."""
 
-    __slots__ = ("channels_last", "key", "module")
-
-    def __init__(self, key: tuple, module: nn.Module, channels_last: bool):
-        self.key, self.module, self.channels_last = key, module, channels_last
+    key: tuple
+    module: nn.Module
+    channels_last: bool
 
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, _Frozen] = weakref.WeakKeyDictionary()
