@@ -30,7 +30,7 @@ from gfenv.env import GlanceFocusVectorEnv
 from gfenv.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
 from gfenv.models import build_encoder
-from gfenv.training import autocast_dtype, load_training_state, seed_everything
+from gfenv.training import EpochOrder, autocast_dtype, load_training_state, seed_everything
 
 STATIC_FORMAT = "gfenv-static-v1"
 
@@ -322,18 +322,13 @@ def train_static(cfg: StaticConfig, run_dir: str | Path, resume: bool = False, p
 
     writer = SummaryWriter(str(run_dir / "tb"))
     model.train()
-    perm = None
+    order = EpochOrder(len(train), cfg.batch_size, iters_per_epoch, cfg.seed, device)
     it = start
     bar = tqdm(total=total, initial=start, desc="static", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
     try:
         while it < total:
-            epoch, pos = divmod(it, iters_per_epoch)
-            if perm is None or perm[1] != epoch:
-                pgen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
-                perm = (torch.randperm(len(train), generator=pgen, device=device), epoch)
-            idx = perm[0][pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-            x, y = train.get(idx)
+            x, y = train.get(order.batch(it))
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)

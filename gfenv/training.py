@@ -107,6 +107,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class EpochOrder:
+    """Which items of a split each training iteration takes: every epoch a shuffle seeded by (seed, epoch) alone, so a
+    resumed run (at any iteration) takes the same batches as an uninterrupted one."""
+
+    def __init__(self, size: int, batch_size: int, iters_per_epoch: int, seed: int, device: torch.device):
+        self.size, self.batch_size, self.iters_per_epoch = size, batch_size, iters_per_epoch
+        self.seed, self.device = seed, device
+        self._epoch, self._perm = None, None
+
+    def batch(self, iteration: int) -> torch.Tensor:
+        """The item indices of ``iteration`` (0-based, counted over all epochs)."""
+        epoch, pos = divmod(iteration, self.iters_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.size, generator=gen, device=self.device), epoch
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -309,7 +327,7 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
 
     writer = SummaryWriter(str(run_dir / "tb")) if main else None
     model.train()
-    perm = None
+    order = EpochOrder(len(train), cfg.batch_size, iters_per_epoch, cfg.seed, device)
     it = start
     bar = tqdm(total=total, initial=start, desc="stage 1", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
@@ -317,11 +335,7 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
     try:
         with stop:
             while it < total:
-                epoch, pos = divmod(it, iters_per_epoch)
-                if perm is None or pos == 0 or perm[1] != epoch:
-                    pgen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
-                    perm = (torch.randperm(len(train), generator=pgen, device=device), epoch)
-                idx = perm[0][pos * cfg.batch_size:(pos + 1) * cfg.batch_size]  # the global batch, on every rank
+                idx = order.batch(it)  # the global batch, on every rank
                 micros = dist.shard(idx).chunk(cfg.accum_steps)  # this rank's share, in micro-batches
                 opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
