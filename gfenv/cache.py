@@ -138,7 +138,8 @@ class FeatureCache:
         else:
             if cache_dir is None:
                 raise ValueError("cache='disk' needs cache_dir=PATH, the folder that holds the cache files.")
-            key = {"format": 2, "images": images, "patch": patch_size, "corners": corners.tolist(),
+            # format 3: glances by matrix products (gfenv.glimpse.glance), equal to format 2 to float rounding only
+            key = {"format": 3, "images": images, "patch": patch_size, "corners": corners.tolist(),
                    "maps": with_cell_maps, "glance_mode": model.config.glance_mode, "classes": source.num_classes,
                    "shape": list(source.image_shape)}
             path = Path(cache_dir) / f"features-{_fingerprint(model, source, key)}"

@@ -1,7 +1,9 @@
 """Where images come from: the embedded "cluttered glyphs" task and a registry of image sources.
 
 An image source is a fixed, indexable split: ``source.get(indices)`` returns a batch of images (B, C, H, W) in
-[0, 1] and labels (B,) on the source's device. The env draws indices with a ``torch.Generator`` on that device.
+[0, 1] and labels (B,) on the source's device, as new tensors the caller may keep (the env holds the batch as its
+images until the next reset), not a buffer the source reuses. The env draws indices with a ``torch.Generator`` on
+that device.
 Real datasets (torchvision, ImageFolder) and the cluttered canvas live in ``gfenv.datasets`` and register here.
 """
 
@@ -156,11 +158,15 @@ class GlyphSource(ImageSource):
         self._split_id = SPLITS.index(split) if split in SPLITS else 0
         gen = torch.Generator().manual_seed(seed)
         self.noise_bank = torch.randn(16, canvas, canvas, generator=gen).to(self.device)  # (16, H, W)
-        # a wrapped-around window of a noise field is a plain strided window of the field tiled 2 x 2: the view
+        # what an unpainted pixel shows, clamp(s * field) for s = +noise and -noise: 32 fields computed once.
+        # A wrapped-around window of a field is a plain strided window of the field tiled 2 x 2: the view
         # windows[k] is the H x W window (row stride 2W) that starts at flat offset k of the tiled fields
-        tiled = torch.cat([self.noise_bank.repeat(1, 2, 2).reshape(-1), self.noise_bank.new_zeros(2 * canvas * canvas)])
+        self._tiled_fields = self.noise_bank.repeat(1, 2, 2).reshape(-1)  # (16 * 2H * 2W,): the painted pixels' noise
+        scale = self.noise * torch.tensor([1.0, -1.0], device=self.device)
+        clamped = (self.noise_bank * scale[:, None, None, None]).clamp_(0.0, 1.0).reshape(-1, canvas, canvas)
+        tiled = torch.cat([clamped.repeat(1, 2, 2).reshape(-1), clamped.new_zeros(2 * canvas * canvas)])
         starts = tiled.numel() - 2 * canvas * canvas
-        self._noise_windows = tiled.as_strided((starts, canvas, canvas), (1, 2 * canvas, 1))
+        self._clamped_windows = tiled.as_strided((starts, canvas, canvas), (1, 2 * canvas, 1))
 
     def __len__(self) -> int:
         return self.size
@@ -171,21 +177,24 @@ class GlyphSource(ImageSource):
     def labels(self, indices: torch.Tensor) -> torch.Tensor:
         return (hash_uniform(self._keys(indices), 1, 1)[:, 0] * self.num_classes).long().clamp_(max=9)
 
-    def _paint(self, canvas: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, cls: torch.Tensor,
-               shape: torch.Tensor, off_y: torch.Tensor, off_x: torch.Tensor, phase: torch.Tensor,
-               contrast: torch.Tensor) -> None:
-        """Draw a size x size window (offset off_y/off_x inside a glyph of class cls) at (top, left); max-blend."""
-        b, n = canvas.shape[0], self.canvas
+    def _paint(self, top: torch.Tensor, left: torch.Tensor, size: int, cls: torch.Tensor, shape: torch.Tensor,
+               off_y: torch.Tensor, off_x: torch.Tensor, phase: torch.Tensor, contrast: torch.Tensor):
+        """What k size x size windows (offset off_y/off_x inside a glyph of class cls) at (top, left) draw: their
+        pixels' flat indices in the canvas and in a noise field tiled 2 x 2 (row stride 2 W), and their values,
+        (B, k * size * size) each. Arguments are (B, k) (phase (B, k, 2))."""
+        b, n = top.shape[0], self.canvas
         r = torch.arange(size, device=self.device)
         s, t = self.silhouettes.shape[-1], self.textures.shape[-1]
-        # flat indices built from (B, s, 1) + (1, 1, s) pieces; torch.take reads them in one pass
-        mask_rows = (shape * (s * s) + off_y * s + off_x)[:, None, None] + r[None, :, None] * s  # (B, s, 1)
-        mask = torch.take(self.silhouettes, mask_rows + r[None, None, :])
-        tex_rows = (cls * (t * t) + (off_y + phase[:, 0]) * t + off_x + phase[:, 1])[:, None, None] + r[:, None] * t
-        tex = torch.take(self.textures, tex_rows + r[None, None, :])
-        value = contrast[:, None, None] * (0.3 + 0.7 * tex) * mask  # (B, s, s)
-        flat = (top * n + left)[:, None, None] + (r[:, None] * n + r[None, :])[None]
-        canvas.scatter_reduce_(1, flat.reshape(b, -1), value.reshape(b, -1), reduce="amax")
+        # flat indices built from (B, k, s, 1) + (1, 1, 1, s) pieces; torch.take reads them in one pass
+        mask_rows = (shape * (s * s) + off_y * s + off_x)[..., None, None] + r[:, None] * s  # (B, k, s, 1)
+        mask = torch.take(self.silhouettes, mask_rows + r)
+        tex_start = cls * (t * t) + (off_y + phase[..., 0]) * t + off_x + phase[..., 1]
+        tex_rows = tex_start[..., None, None] + r[:, None] * t
+        tex = torch.take(self.textures, tex_rows + r)
+        value = contrast[..., None, None] * (0.3 + 0.7 * tex) * mask  # (B, k, s, s)
+        flat = (top * n + left)[..., None, None] + (r[:, None] * n + r)
+        tiled = (top * (2 * n) + left)[..., None, None] + (r[:, None] * (2 * n) + r)  # in a field tiled 2 x 2
+        return flat.reshape(b, -1), tiled.reshape(b, -1), value.reshape(b, -1)
 
     @torch.no_grad()
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,27 +202,31 @@ class GlyphSource(ImageSource):
         b, n, g, f = key.shape[0], self.canvas, self.glyph_size, self.fragment_size
         labels = self.labels(indices)
         p = hash_uniform(key, 2, 9)
-        canvas = torch.zeros(b, n * n, device=self.device)
-        zero = torch.zeros(b, dtype=torch.long, device=self.device)
-        self._paint(canvas, (p[:, 0] * (n - g + 1)).long(), (p[:, 1] * (n - g + 1)).long(), g, labels,
-                    labels // 2, zero, zero, (p[:, 2:4] * 4).long(), 0.5 + 0.5 * p[:, 4])
+        zero = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        glyph = self._paint((p[:, :1] * (n - g + 1)).long(), (p[:, 1:2] * (n - g + 1)).long(), g, labels[:, None],
+                            labels[:, None] // 2, zero, zero, (p[:, None, 2:4] * 4).long(), 0.5 + 0.5 * p[:, 4:5])
         q = hash_uniform(key, 4, 9 * self.fragments).reshape(b, self.fragments, 9)
-        for k in range(self.fragments):
-            qk = q[:, k]
-            self._paint(canvas, (qk[:, 0] * (n - f + 1)).long(), (qk[:, 1] * (n - f + 1)).long(), f,
-                        (qk[:, 2] * 10).long().clamp_(max=9), (qk[:, 3] * 5).long().clamp_(max=4),
-                        (qk[:, 4] * (g - f + 1)).long(), (qk[:, 5] * (g - f + 1)).long(),
-                        (qk[:, 6:8] * 4).long(), 0.5 + 0.5 * qk[:, 8])
-        # noise: a shifted window of one of a few fixed noise fields, so every image's noise is its own
+        frags = self._paint((q[..., 0] * (n - f + 1)).long(), (q[..., 1] * (n - f + 1)).long(), f,
+                            (q[..., 2] * 10).long().clamp_(max=9), (q[..., 3] * 5).long().clamp_(max=4),
+                            (q[..., 4] * (g - f + 1)).long(), (q[..., 5] * (g - f + 1)).long(),
+                            (q[..., 6:8] * 4).long(), 0.5 + 0.5 * q[..., 8])
+        pos, tpos, val = (torch.cat(parts, 1) for parts in zip(glyph, frags, strict=True))  # (B, K): painted pixels
+        # noise: a shifted window of one of a few fixed noise fields, scaled by +-noise, so every image's noise is
+        # its own: noise[y, x] = s * field[(y + dy) % n, (x + dx) % n]
         nb = self.noise_bank.shape[0]
         bank = (p[:, 5] * nb).long().clamp_(max=nb - 1)
         dy, dx = (p[:, 6] * n).long(), (p[:, 7] * n).long()
-        start = bank * (4 * n * n) + dy * (2 * n) + dx  # noise[y, x] = field[(y + dy) % n, (x + dx) % n]
-        noise = self._noise_windows.index_select(0, start)  # (B, n, n): one strided copy, no per-pixel index
-        sign = (p[:, 8] < 0.5).float() * 2 - 1
-        # canvas + noise * s, in place in the fresh noise tensor (the same sums: float addition commutes)
-        image = noise.mul_(self.noise * sign[:, None, None]).add_(canvas.view(b, n, n))
-        return image.clamp_(0.0, 1.0).unsqueeze(1), labels  # (B, 1, H, W), (B,)
+        negative = (p[:, 8] >= 0.5).long()  # the sign s = +1 where p8 < 0.5
+        start = bank * (4 * n * n) + dy * (2 * n) + dx  # the window's start in the tiled fields
+        # an unpainted pixel is clamp(s * field): a window of the precomputed clamped fields, one strided copy
+        image = self._clamped_windows.index_select(0, start + negative * (nb * 4 * n * n)).view(b, n * n)
+        # a painted pixel is clamp(s * field + the max of the paints over it) (max-blend over a black canvas):
+        # the max lands in the image first (include_self=False: the noise there takes no part), then is replaced
+        image.scatter_reduce_(1, pos, val, reduce="amax", include_self=False)
+        field = torch.take(self._tiled_fields, start[:, None] + tpos)
+        scale = self.noise * (1.0 - 2.0 * negative.float())
+        image.scatter_(1, pos, field.mul_(scale[:, None]).add_(image.gather(1, pos)).clamp_(0.0, 1.0))
+        return image.view(b, 1, n, n), labels  # (B, 1, H, W), (B,)
 
 
 @register_dataset("glyphs")

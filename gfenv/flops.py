@@ -60,7 +60,7 @@ def model_macs(model: GFNetModel, image_shape: tuple[int, ...]) -> dict[str, int
             "glance_encoder": count_macs(model.glance_encoder, patch),
             "focus_encoder": count_macs(model.focus_encoder, patch),
             "classifier": count_macs(model.classifier.step, features, state, 0),
-            "glance": count_macs(lambda x: model.glance_encoder(glance(x, p, cfg.glance_mode)), image),
+            "glance": count_macs(model.glance_encoder, glance(image, p, cfg.glance_mode)),  # the resize uncounted
         }
     finally:
         model.train(was_training)

@@ -83,6 +83,35 @@ def test_grid_stop_ends_episode_early_and_resets_next_step():
     assert info["step"].tolist() == [1, 3] and r[0] == 0
 
 
+def test_early_stops_leave_the_batches_the_source_returned_untouched():
+    """A full reset keeps the source's batch as the env's images; restarting single slots after early stops must
+    write into the env's own copy, never into that batch, and each slot must show its own new image."""
+    from gfenv.data import make_source
+
+    source = make_source("glyphs", "train")
+    returned = []
+
+    class Recording:
+        num_classes, image_shape, device, finite_by_construction = 10, source.image_shape, source.device, True
+
+        def __len__(self):
+            return len(source)
+
+        def get(self, idx):
+            images, labels = source.get(idx)
+            returned.append((images, images.clone()))
+            return images, labels
+
+    env = GlanceFocusVectorEnv(num_envs=3, action="grid+stop", source=Recording(), seed=0)
+    env.reset(seed=0)
+    for a in ([49, 3, 49], [5, 49, 49], [7, 8, 9]):
+        env.step(torch.tensor(a))
+        for k in range(3):
+            assert torch.equal(env.images[k], source.get(env.index[k:k + 1])[0][0])
+    assert len(returned) > 2
+    assert all(torch.equal(batch, copy) for batch, copy in returned)
+
+
 def test_continuous_actions_outside_box_are_clipped():
     a, b = make(2), make(2)
     a.reset(seed=1)

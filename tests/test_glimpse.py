@@ -53,13 +53,38 @@ def test_patch_larger_than_image_is_refused():
         check_patch_size(64, 60, 100)
 
 
-def test_area_glance_of_whole_blocks_equals_the_adaptive_mean():
-    """The fast fixed-window path gives exactly the adaptive average pool the shipped encoders were trained on."""
+@pytest.mark.parametrize("mode", ["area", "bilinear", "bicubic"])
+@pytest.mark.parametrize("shape,size", [((64, 1, 128, 128), 32), ((3, 2, 50, 70), 32), ((2, 3, 20, 24), 32)])
+def test_glance_equals_torch_resize_kernels(mode, shape, size):
+    """The matrix-product glance gives what the shipped encoders were trained on: adaptive average pooling ("area")
+    or F.interpolate with anti-aliasing, to float rounding, down- and upsampling, non-square images included."""
     import torch.nn.functional as F
 
     from gfenv.data import make_source
 
-    images, _ = make_source("glyphs", "test").get(torch.arange(64))
-    assert torch.equal(glance(images, 32, "area"), F.adaptive_avg_pool2d(images, 32))
-    odd = torch.rand(3, 2, 50, 70)
-    assert torch.equal(glance(odd, 32, "area"), F.adaptive_avg_pool2d(odd, 32))
+    if shape[0] == 64:
+        images, _ = make_source("glyphs", "test").get(torch.arange(64))
+    else:
+        images = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    if mode == "area":
+        expected = F.adaptive_avg_pool2d(images, size)
+    else:
+        expected = F.interpolate(images, size=(size, size), mode=mode, antialias=True, align_corners=False)
+    g = glance(images, size, mode)
+    assert g.shape == expected.shape and g.dtype == images.dtype
+    torch.testing.assert_close(g, expected, atol=1e-6, rtol=0)
+    double = glance(images.double(), size, mode)  # float64 stays float64, not rounded through float32
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double, expected.double(), atol=1e-6, rtol=0)
+
+
+def test_crop_of_a_view_or_channels_last_batch_matches_slicing():
+    base = torch.rand(6, 3, 40, 50, generator=torch.Generator().manual_seed(1))
+    corners = torch.tensor([[0, 0], [7, 17], [5, 9]])
+    for images in (base[2:5], base.contiguous(memory_format=torch.channels_last)[1:4], base[:3, 1:]):
+        patches = crop(images, corners, 33)
+        for i in range(3):
+            y, x = corners[i].tolist()
+            assert torch.equal(patches[i], images[i, :, y:y + 33, x:x + 33])
+    # a corner past the last patch position is clipped: the patch stays inside the image
+    assert torch.equal(crop(base[:1], torch.tensor([[9, 30]]), 33)[0], base[0, :, 7:40, 17:50])

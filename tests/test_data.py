@@ -1,0 +1,48 @@
+"""The embedded cluttered-glyphs source: how an image is composed, and that an image depends on its index only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gfenv.data import GlyphSource, hash_uniform
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"canvas": 96, "glyph_size": 12, "fragments": 3, "fragment_size": 6},
+                                    {"noise": 0.0}])
+def test_image_is_clamped_noise_plus_the_max_blend_of_its_paints(kwargs):
+    """The source draws only the painted pixels and reads the rest from precomputed clamped noise; the image must be
+    exactly the plain composition: clamp(s * noise window + max-blend of the glyph and fragments on black)."""
+    src = GlyphSource("test", **kwargs)
+    idx = torch.arange(0, 600, 7)
+    images, labels = src.get(idx)
+    b, n, g, f = len(idx), src.canvas, src.glyph_size, src.fragment_size
+    key = src._keys(idx)
+    p = hash_uniform(key, 2, 9)
+    q = hash_uniform(key, 4, 9 * src.fragments).reshape(b, src.fragments, 9)
+    zero = torch.zeros(b, 1, dtype=torch.long)
+    glyph = src._paint((p[:, :1] * (n - g + 1)).long(), (p[:, 1:2] * (n - g + 1)).long(), g, labels[:, None],
+                       labels[:, None] // 2, zero, zero, (p[:, None, 2:4] * 4).long(), 0.5 + 0.5 * p[:, 4:5])
+    frags = src._paint((q[..., 0] * (n - f + 1)).long(), (q[..., 1] * (n - f + 1)).long(), f,
+                       (q[..., 2] * 10).long().clamp(max=9), (q[..., 3] * 5).long().clamp(max=4),
+                       (q[..., 4] * (g - f + 1)).long(), (q[..., 5] * (g - f + 1)).long(), (q[..., 6:8] * 4).long(),
+                       0.5 + 0.5 * q[..., 8])
+    canvas = torch.zeros(b, n * n)
+    for pos, _, val in (glyph, frags):
+        canvas.scatter_reduce_(1, pos, val, reduce="amax")
+    bank = (p[:, 5] * 16).long().clamp(max=15)
+    sign = torch.where(p[:, 8] < 0.5, 1.0, -1.0)
+    noise = torch.stack([src.noise_bank[k].roll((-int(y), -int(x)), (0, 1))
+                         for k, y, x in zip(bank, (p[:, 6] * n).long(), (p[:, 7] * n).long(), strict=True)])
+    expected = (noise * (src.noise * sign)[:, None, None] + canvas.view(b, n, n)).clamp(0, 1)
+    assert torch.equal(images[:, 0], expected)
+    assert (canvas > 0).any(1).all()  # every image has a glyph painted
+
+
+def test_an_image_depends_on_its_index_only():
+    src = GlyphSource("train")
+    batch, _ = src.get(torch.tensor([5, 123, 40_000, 5]))
+    alone, _ = src.get(torch.tensor([123]))
+    assert torch.equal(batch[1], alone[0]) and torch.equal(batch[0], batch[3])
+    other, _ = GlyphSource("test").get(torch.tensor([123]))
+    assert not torch.equal(other[0], alone[0])  # the splits are different images
