@@ -9,6 +9,7 @@ Real datasets (torchvision, ImageFolder) and the cluttered canvas live in ``gfen
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -72,10 +73,25 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 def hash_uniform(key: torch.Tensor, stream: int, count: int) -> torch.Tensor:
     """Uniform floats in [0, 1): (B, count) numbers for keys (B,) and a stream id."""
-    ctr = torch.arange(count, device=key.device, dtype=torch.int64)
-    x = _hash32(_hash32(key[:, None] * 0x9E3779B1 + stream * 0x85EBCA77) + ctr * 0xC2B2AE3D)
+    return hash_uniforms(key, ((stream, count),))[0]
+
+
+def hash_uniforms(key: torch.Tensor, streams: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, ...]:
+    """``hash_uniform(key, stream, count)`` for each (stream, count) of ``streams``, computed together (one set of
+    tensor ops for all the streams' columns): the same numbers, bit for bit."""
+    stream_of_column, ctr = _columns(streams, key.device)
+    x = _hash32(_hash32(key[:, None] * 0x9E3779B1 + stream_of_column * 0x85EBCA77) + ctr * 0xC2B2AE3D)
     x = _hash32(x + key[:, None])
-    return (x.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
+    u = (x.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
+    return u.split([count for _, count in streams], 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _columns(streams: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's stream id and counter, made once on the device (no host->device copy in a step)."""
+    ids = torch.cat([torch.full((count,), stream, dtype=torch.int64, device=device) for stream, count in streams])
+    ctr = torch.cat([torch.arange(count, dtype=torch.int64, device=device) for _, count in streams])
+    return ids, ctr
 
 
 def hash_normal(key: torch.Tensor, stream: int, count: int) -> torch.Tensor:
@@ -200,12 +216,12 @@ class GlyphSource(ImageSource):
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._keys(indices)
         b, n, g, f = key.shape[0], self.canvas, self.glyph_size, self.fragment_size
-        labels = self.labels(indices)
-        p = hash_uniform(key, 2, 9)
+        label_u, p, q = hash_uniforms(key, ((1, 1), (2, 9), (4, 9 * self.fragments)))
+        labels = (label_u[:, 0] * self.num_classes).long().clamp_(max=9)  # as self.labels(indices)
         zero = torch.zeros(b, 1, dtype=torch.long, device=self.device)
         glyph = self._paint((p[:, :1] * (n - g + 1)).long(), (p[:, 1:2] * (n - g + 1)).long(), g, labels[:, None],
                             labels[:, None] // 2, zero, zero, (p[:, None, 2:4] * 4).long(), 0.5 + 0.5 * p[:, 4:5])
-        q = hash_uniform(key, 4, 9 * self.fragments).reshape(b, self.fragments, 9)
+        q = q.reshape(b, self.fragments, 9)
         frags = self._paint((q[..., 0] * (n - f + 1)).long(), (q[..., 1] * (n - f + 1)).long(), f,
                             (q[..., 2] * 10).long().clamp_(max=9), (q[..., 3] * 5).long().clamp_(max=4),
                             (q[..., 4] * (g - f + 1)).long(), (q[..., 5] * (g - f + 1)).long(),
@@ -220,12 +236,14 @@ class GlyphSource(ImageSource):
         start = bank * (4 * n * n) + dy * (2 * n) + dx  # the window's start in the tiled fields
         # an unpainted pixel is clamp(s * field): a window of the precomputed clamped fields, one strided copy
         image = self._clamped_windows.index_select(0, start + negative * (nb * 4 * n * n)).view(b, n * n)
-        # a painted pixel is clamp(s * field + the max of the paints over it) (max-blend over a black canvas):
-        # the max lands in the image first (include_self=False: the noise there takes no part), then is replaced
-        image.scatter_reduce_(1, pos, val, reduce="amax", include_self=False)
+        # a painted pixel is clamp(s * field + the max of the paints over it) (max-blend over a black canvas), which
+        # is the max over the paints of clamp(s * field + paint): rounding and clamping never change an order. So
+        # each paint's pixel is composed alone and the max of them replaces the noise: paints are >= 0, so that max
+        # is also >= the noise clamp(s * field) already there, and a max with it (include_self) changes nothing
         field = torch.take(self._tiled_fields, start[:, None] + tpos)
         scale = self.noise * (1.0 - 2.0 * negative.float())
-        image.scatter_(1, pos, field.mul_(scale[:, None]).add_(image.gather(1, pos)).clamp_(0.0, 1.0))
+        composed = field.mul_(scale[:, None]).add_(val).clamp_(0.0, 1.0)
+        image.scatter_reduce_(1, pos, composed, reduce="amax")
         return image.view(b, 1, n, n), labels  # (B, 1, H, W), (B,)
 
 

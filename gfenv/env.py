@@ -399,30 +399,41 @@ class GlanceFocusVectorEnv(VectorEnv):
         else:
             logits, memory = self._per_slot_classify(feats)
         probs = logits.float().softmax(1)
-        moving = torch.ones(n, dtype=torch.bool, device=dev) if stop is None else ~stop
-        if idle is not None:
-            moving = moving & ~idle
-            stop = stop & ~idle
-        step_macs = torch.where(moving, float(self.focus_macs), 0.0)
-        new_t = self.t + moving.long()
+        if stop is None and idle is None:  # every slot takes its patch (lockstep, no stop action): no masking
+            moving = None
+            step_macs = torch.full((n,), float(self.focus_macs), device=dev)
+            new_t = self.t + 1
+            probs_after = probs
+        else:
+            moving = ~stop if idle is None else ~stop & ~idle
+            if idle is not None:
+                stop = stop & ~idle
+            step_macs = torch.where(moving, float(self.focus_macs), 0.0)
+            new_t = self.t + moving.long()
+            probs_after = torch.where(moving[:, None], probs, self.probs)
         done = (new_t >= self.steps) | (stop if stop is not None else False)
         if not self._lockstep:
             done = done | self.done
         probs_random = self._random_glimpse_probs() if self.reward_fn.needs_random else None
-        probs_after = torch.where(moving[:, None], probs, self.probs)
         reward = self.reward_fn(self.probs, probs_after, self.labels, new_t - 1, step_macs, done, probs_random)
-        reward = torch.where(moving, reward, 0.0)
-
-        m = moving[:, None]
-        self.memory = torch.where(m, memory, self.memory)
-        self.probs = probs_after
-        self.last_features = torch.where(m, feats, self.last_features)
-        if self.observation_mode == "gfnet":
-            self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
         rows = torch.arange(n, device=dev)
-        self.visited[rows, cell] |= moving
         slot = (self.t - 1).clamp(0, self.steps - 2)
-        self.history[rows, slot] = torch.where(m, corners, self.history[rows, slot])
+        if moving is None:
+            self.memory, self.last_features = memory, feats
+            if self.observation_mode == "gfnet":
+                self.last_map = fmap
+            self.visited[rows, cell] = True
+            self.history[rows, slot] = corners
+        else:
+            reward = torch.where(moving, reward, 0.0)
+            m = moving[:, None]
+            self.memory = torch.where(m, memory, self.memory)
+            self.last_features = torch.where(m, feats, self.last_features)
+            if self.observation_mode == "gfnet":
+                self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
+            self.visited[rows, cell] |= moving
+            self.history[rows, slot] = torch.where(m, corners, self.history[rows, slot])
+        self.probs = probs_after
         self.t = new_t
         self.cum_macs = self.cum_macs + step_macs.double()
         self.done = done
