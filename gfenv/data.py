@@ -171,6 +171,10 @@ class GlyphSource(ImageSource):
         # textures are tiled with a phase offset of up to 3 px, so make them 4 px larger than the glyph
         self.textures = _textures(glyph_size + 4).to(self.device)
         self.silhouettes = _silhouettes(glyph_size).to(self.device)
+        # every glyph pixel's value before contrast, per (class, shape, phase_y, phase_x, row, col): the texture
+        # (phase-shifted, lifted to 0.3..1) inside the silhouette, 0 outside; (10, 5, 4, 4, g, g)
+        tex = self.textures.unfold(1, glyph_size, 1).unfold(2, glyph_size, 1)[:, :4, :4]  # (10, 4, 4, g, g)
+        self._glyph_table = ((0.3 + 0.7 * tex)[:, None] * self.silhouettes[None, :, None, None]).contiguous()
         self._split_id = SPLITS.index(split) if split in SPLITS else 0
         gen = torch.Generator().manual_seed(seed)
         self.noise_bank = torch.randn(16, canvas, canvas, generator=gen).to(self.device)  # (16, H, W)
@@ -194,23 +198,19 @@ class GlyphSource(ImageSource):
         return (hash_uniform(self._keys(indices), 1, 1)[:, 0] * self.num_classes).long().clamp_(max=9)
 
     def _paint(self, top: torch.Tensor, left: torch.Tensor, size: int, cls: torch.Tensor, shape: torch.Tensor,
-               off_y: torch.Tensor, off_x: torch.Tensor, phase: torch.Tensor, contrast: torch.Tensor):
+               off_y: torch.Tensor, off_x: torch.Tensor, phase: torch.Tensor, contrast: torch.Tensor,
+               origin: torch.Tensor):
         """What k size x size windows (offset off_y/off_x inside a glyph of class cls) at (top, left) draw: their
-        pixels' flat indices in the canvas and in a noise field tiled 2 x 2 (row stride 2 W), and their values,
-        (B, k * size * size) each. Arguments are (B, k) (phase (B, k, 2))."""
-        b, n = top.shape[0], self.canvas
+        pixels' flat indices in the canvas, in the tiled noise fields (``origin`` (B,): where the image's noise
+        window starts there) and their values, (B, k * size * size) each. Arguments are (B, k) (phase (B, k, 2))."""
+        b, n, s = top.shape[0], self.canvas, self.glyph_size
         r = torch.arange(size, device=self.device)
-        s, t = self.silhouettes.shape[-1], self.textures.shape[-1]
-        # flat indices built from (B, k, s, 1) + (1, 1, 1, s) pieces; torch.take reads them in one pass
-        mask_rows = (shape * (s * s) + off_y * s + off_x)[..., None, None] + r[:, None] * s  # (B, k, s, 1)
-        mask = torch.take(self.silhouettes, mask_rows + r)
-        tex_start = cls * (t * t) + (off_y + phase[..., 0]) * t + off_x + phase[..., 1]
-        tex_rows = tex_start[..., None, None] + r[:, None] * t
-        tex = torch.take(self.textures, tex_rows + r)
-        value = contrast[..., None, None] * (0.3 + 0.7 * tex) * mask  # (B, k, s, s)
+        # one read of the glyph table per pixel: table[cls, shape, phase_y, phase_x, off_y + u, off_x + v]
+        start = (((cls * 5 + shape) * 4 + phase[..., 0]) * 4 + phase[..., 1]) * (s * s) + off_y * s + off_x
+        value = contrast[..., None, None] * torch.take(self._glyph_table, start[..., None, None] + (r[:, None] * s + r))
         flat = (top * n + left)[..., None, None] + (r[:, None] * n + r)
-        tiled = (top * (2 * n) + left)[..., None, None] + (r[:, None] * (2 * n) + r)  # in a field tiled 2 x 2
-        return flat.reshape(b, -1), tiled.reshape(b, -1), value.reshape(b, -1)
+        fields = (origin[:, None] + top * (2 * n) + left)[..., None, None] + (r[:, None] * (2 * n) + r)
+        return flat.reshape(b, -1), fields.reshape(b, -1), value.reshape(b, -1)
 
     @torch.no_grad()
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,15 +218,6 @@ class GlyphSource(ImageSource):
         b, n, g, f = key.shape[0], self.canvas, self.glyph_size, self.fragment_size
         label_u, p, q = hash_uniforms(key, ((1, 1), (2, 9), (4, 9 * self.fragments)))
         labels = (label_u[:, 0] * self.num_classes).long().clamp_(max=9)  # as self.labels(indices)
-        zero = torch.zeros(b, 1, dtype=torch.long, device=self.device)
-        glyph = self._paint((p[:, :1] * (n - g + 1)).long(), (p[:, 1:2] * (n - g + 1)).long(), g, labels[:, None],
-                            labels[:, None] // 2, zero, zero, (p[:, None, 2:4] * 4).long(), 0.5 + 0.5 * p[:, 4:5])
-        q = q.reshape(b, self.fragments, 9)
-        frags = self._paint((q[..., 0] * (n - f + 1)).long(), (q[..., 1] * (n - f + 1)).long(), f,
-                            (q[..., 2] * 10).long().clamp_(max=9), (q[..., 3] * 5).long().clamp_(max=4),
-                            (q[..., 4] * (g - f + 1)).long(), (q[..., 5] * (g - f + 1)).long(),
-                            (q[..., 6:8] * 4).long(), 0.5 + 0.5 * q[..., 8])
-        pos, tpos, val = (torch.cat(parts, 1) for parts in zip(glyph, frags, strict=True))  # (B, K): painted pixels
         # noise: a shifted window of one of a few fixed noise fields, scaled by +-noise, so every image's noise is
         # its own: noise[y, x] = s * field[(y + dy) % n, (x + dx) % n]
         nb = self.noise_bank.shape[0]
@@ -236,14 +227,24 @@ class GlyphSource(ImageSource):
         start = bank * (4 * n * n) + dy * (2 * n) + dx  # the window's start in the tiled fields
         # an unpainted pixel is clamp(s * field): a window of the precomputed clamped fields, one strided copy
         image = self._clamped_windows.index_select(0, start + negative * (nb * 4 * n * n)).view(b, n * n)
+        scale = (self.noise * (1.0 - 2.0 * negative.float()))[:, None]
+        zero = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        q = q.reshape(b, self.fragments, 9)
+        paints = (
+            self._paint((p[:, :1] * (n - g + 1)).long(), (p[:, 1:2] * (n - g + 1)).long(), g, labels[:, None],
+                        labels[:, None] // 2, zero, zero, (p[:, None, 2:4] * 4).long(), 0.5 + 0.5 * p[:, 4:5], start),
+            self._paint((q[..., 0] * (n - f + 1)).long(), (q[..., 1] * (n - f + 1)).long(), f,
+                        (q[..., 2] * 10).long().clamp_(max=9), (q[..., 3] * 5).long().clamp_(max=4),
+                        (q[..., 4] * (g - f + 1)).long(), (q[..., 5] * (g - f + 1)).long(),
+                        (q[..., 6:8] * 4).long(), 0.5 + 0.5 * q[..., 8], start),
+        )
         # a painted pixel is clamp(s * field + the max of the paints over it) (max-blend over a black canvas), which
         # is the max over the paints of clamp(s * field + paint): rounding and clamping never change an order. So
         # each paint's pixel is composed alone and the max of them replaces the noise: paints are >= 0, so that max
         # is also >= the noise clamp(s * field) already there, and a max with it (include_self) changes nothing
-        field = torch.take(self._tiled_fields, start[:, None] + tpos)
-        scale = self.noise * (1.0 - 2.0 * negative.float())
-        composed = field.mul_(scale[:, None]).add_(val).clamp_(0.0, 1.0)
-        image.scatter_reduce_(1, pos, composed, reduce="amax")
+        for pos, fields, value in paints:
+            composed = torch.take(self._tiled_fields, fields).mul_(scale).add_(value).clamp_(0.0, 1.0)
+            image.scatter_reduce_(1, pos, composed, reduce="amax")
         return image.view(b, 1, n, n), labels  # (B, 1, H, W), (B,)
 
 
