@@ -15,7 +15,8 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 - ratios ``batched_over_per_env``, ``floor_over_batched`` (step time / floor time) and ``cached_over_batched``.
 
 Timing: ``--cycles`` cycles; in each, every measure runs once to warm up, then the fast measures take turns run by
-run for ``--repeats`` rounds (``per_env`` and ``sb3_ppo``: the first cycle only, a block of half the runs); a figure
+run for ``--repeats`` rounds, in reverse order every other round (``per_env`` and ``sb3_ppo``: the first cycle only,
+a block of half the runs); a figure
 is the median over cycles of its median run, and a ratio the median over all rounds of the ratio of the two runs of
 that round, so that it compares runs taken moments apart on a machine whose speed drifts. The thread count is
 printed. Like the project's scripts, the command keeps freed heap memory for reuse
@@ -177,8 +178,9 @@ def _time_run(w: Workload, device: torch.device) -> float:
 def time_rounds(workloads: dict[str, Workload], repeats: int, cycles: int, device: torch.device,
                 slow: tuple[str, ...] = ("per_env", "sb3_ppo")) -> list[dict[str, list[float]]]:
     """Per cycle, the seconds of each timed run of each workload. Within a cycle every workload runs once to warm
-    up, then the fast ones take turns run by run (``repeats`` rounds of one run each), so that each ratio compares
-    runs taken moments apart on a machine whose speed drifts by tens of percent within seconds. The ``slow`` ones run
+    up, then the fast ones take turns run by run (``repeats`` rounds of one run each, in reverse order every other
+    round), so that each ratio compares runs taken moments apart on a machine whose speed drifts by tens of percent
+    within seconds. The ``slow`` ones run
     in the first cycle only, as a block of max(2, repeats // 2) runs after the rounds."""
     out = []
     for c in range(cycles):
@@ -188,8 +190,8 @@ def time_rounds(workloads: dict[str, Workload], repeats: int, cycles: int, devic
             _sync(device)
         times: dict[str, list[float]] = {n: [] for n in names}
         fast = [n for n in names if n not in slow]
-        for _ in range(repeats):
-            for name in fast:
+        for r in range(repeats):
+            for name in fast if r % 2 == 0 else fast[::-1]:  # no measure always runs after the same one
                 times[name].append(_time_run(workloads[name], device))
         for name in names:
             if name in slow:
@@ -247,7 +249,7 @@ def bench_memory(device: torch.device, batch_size: int = 256, image_size: int = 
             "image_size": image_size, "settings": out}
 
 
-def run(device: str = "cpu", num_envs: int = 256, repeats: int = 5, episodes: int = 2, threads: int | None = None,
+def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: int = 1, threads: int | None = None,
         cycles: int = 3, cache_images: int = 1024, skip: tuple[str, ...] = (), memory: bool = False,
         profile: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
     if threads is not None:
@@ -332,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--num-envs", type=int, default=256, help="slots of the batched env (and single envs of per_env)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measure (the median is reported)")
-    p.add_argument("--episodes", type=int, default=2, help="episodes per timed run of batched and floor")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per measure and cycle (medians are reported)")
+    p.add_argument("--episodes", type=int, default=1, help="episodes per timed run of batched and floor")
     p.add_argument("--cycles", type=int, default=3, help="rounds of all measures (per_env, sb3_ppo: the first only)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--cache-images", type=int, default=1024, help="images in the cached mode's feature cache")

@@ -321,7 +321,8 @@ class GlanceFocusVectorEnv(VectorEnv):
                  "step": (self.t.float() / self.steps)[:, None]}
         if self.observation_mode == "flat":
             return torch.cat(list(parts.values()), dim=1)
-        return {k: v.clone() for k, v in parts.items()}  # fresh tensors: resets overwrite the state in place
+        # fresh tensors (resets overwrite the state in place): copy what is still the state itself
+        return {k: v.clone() if k in ("glance", "focus", "memory") else v for k, v in parts.items()}
 
     def _info(self) -> dict[str, Any]:
         conf, pred = self.probs.max(1)
