@@ -446,8 +446,9 @@ class GlanceFocusVectorEnv(VectorEnv):
             if any_done:
                 info["final_obs"] = obs
                 info["final_info"] = info.copy()
-                info["_final_obs"] = done
-                info["_final_info"] = done
+                ended = done.clone()  # not the state tensor itself, which the reset below overwrites in place
+                info["_final_obs"] = ended
+                info["_final_info"] = ended
                 if self._lockstep:
                     self._reset_slots(None)
                     self._t_host = 1

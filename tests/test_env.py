@@ -112,6 +112,17 @@ def test_early_stops_leave_the_batches_the_source_returned_untouched():
     assert all(torch.equal(batch, copy) for batch, copy in returned)
 
 
+@pytest.mark.parametrize("action,actions", [("grid", [[1, 2, 3]] * 4), ("grid+stop", [[49, 2, 3], [5, 49, 7]])])
+def test_same_step_autoreset_marks_the_slots_whose_episode_ended(action, actions):
+    """Gymnasium's SAME_STEP contract: info["_final_obs"] / ["_final_info"] say which slots' final_obs is real."""
+    env = GlanceFocusVectorEnv(num_envs=3, action=action, autoreset_mode="SameStep", seed=0)
+    env.reset(seed=0)
+    for a in actions:
+        obs, r, term, trunc, info = env.step(torch.tensor(a))
+    assert term.any() and "final_obs" in info
+    assert torch.equal(info["_final_obs"], term | trunc) and torch.equal(info["_final_info"], term | trunc)
+
+
 def test_continuous_actions_outside_box_are_clipped():
     a, b = make(2), make(2)
     a.reset(seed=1)
