@@ -213,7 +213,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         self._t_host = 0
         n, dev = self.num_envs, self.device
         self.images = torch.zeros(n, c, h, w, device=dev)
-        self._borrowed: set[str] = set()  # state tensors that are a full reset's batch itself (not yet copied)
+        self._own_images = True  # False while self.images is the source's batch itself (after a full reset)
         self.labels = torch.zeros(n, dtype=torch.long, device=dev)
         self.index = torch.zeros(n, dtype=torch.long, device=dev)  # the image's index in the split
         self.t = torch.zeros(n, dtype=torch.long, device=dev)
@@ -288,24 +288,24 @@ class GlanceFocusVectorEnv(VectorEnv):
         if self.observation_mode == "gfnet":  # the previous glimpse's map: GFNet's policy input, observed only there
             values["last_map"] = fmap
         values.update({"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1})
+        images = values.pop("images", None)
+        if images is not None:
+            if rows is None and mask is None and images.shape == self.images.shape:
+                # a full reset keeps the source's fresh batch (ImageSource.get returns a new tensor) instead of
+                # copying it; it is copied before any partial reset writes into it
+                self.images, self._own_images = images.to(self.images.device, self.images.dtype), False
+            else:
+                values["images"] = images
+                if not self._own_images:
+                    self.images, self._own_images = self.images.clone(), True
         for name, v in values.items():  # tensors (one row per reset slot) and constants
             target = getattr(self, name)
             if isinstance(v, torch.Tensor):
-                v = v.to(target.device, target.dtype)
-            if mask is not None:  # a new tensor: the state is never written in place here
-                setattr(self, name, torch.where(mask.view(-1, *[1] * (target.dim() - 1)), v, target))
-                self._borrowed.discard(name)
+                v = v.to(target.dtype)
+            if mask is not None:
+                target.copy_(torch.where(mask.view(-1, *[1] * (target.dim() - 1)), v, target))
             elif rows is not None:
-                if name in self._borrowed:  # still the batch a full reset kept: write into a copy of it
-                    target = target.clone()
-                    setattr(self, name, target)
-                    self._borrowed.discard(name)
                 target[rows] = v
-            elif isinstance(v, torch.Tensor) and v.shape == target.shape:
-                # a full reset keeps the fresh batch (the source's images, the encoders' outputs) as the state
-                # instead of copying it; a later partial reset copies it before writing (above)
-                setattr(self, name, v)
-                self._borrowed.add(name)
             elif isinstance(v, torch.Tensor):
                 target.copy_(v)
             else:
