@@ -6,6 +6,8 @@ Prints, for N = 256 slots of the default task:
 - the focus encoder on 256 patches, plain and folded (``gfenv.models.encode``), alternated cycle by cycle (ms per
   call, the median of 10 calls per cycle);
 - the GRU classifier step on 256 slots (ms per call) and its multiply-adds (``torch.utils.flop_counter``);
+- what the env adds around them: 256 new glyph images (a reset), their glance (and the same by ``F.avg_pool2d``,
+  the kernel the area glance used before), 256 crops (a step);
 - minor page faults per batched env step, with and without ``gfenv.utils.keep_freed_memory`` (each in a fresh
   process, since the allocator setting cannot be undone).
 """
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = keep_freed_memory()
         print(json.dumps({"kept": kept, "faults": page_faults_per_step()}))
         return 0
+    import torch.nn.functional as F
+
     from gfenv.flops import count_macs
-    from gfenv.glimpse import crop
+    from gfenv.glimpse import crop, glance
     from gfenv.models import encode
 
     keep_freed_memory()
@@ -86,12 +90,24 @@ def main(argv: list[str] | None = None) -> int:
             plain.append(_median_ms(lambda: m.focus_encoder(x)))
             folded.append(_median_ms(lambda: encode(m.focus_encoder, x)))
         gru = [_median_ms(lambda: m.classifier.step(feats, memory, 1)) for _ in range(args.cycles)]
+        # what the env adds per reset (256 new images) and per step, beside the encoders
+        source, idx = env.source, torch.randint(len(env.source), (env.num_envs,), generator=torch.Generator())
+        mode = m.config.glance_mode
+        images_ms = [_median_ms(lambda: source.get(idx)) for _ in range(args.cycles)]
+        glance_ms = [_median_ms(lambda: glance(images, env.patch_size, mode)) for _ in range(args.cycles)]
+        block = images.shape[-1] // env.patch_size  # the previous glance: F.avg_pool2d over whole blocks
+        pool_ms = [_median_ms(lambda: F.avg_pool2d(images, block)) for _ in range(args.cycles)]
+        crop_ms = [_median_ms(lambda: crop(images, env.corners[cells], env.patch_size)) for _ in range(args.cycles)]
     macs = count_macs(lambda f, h: m.classifier.step(f, h, 1), feats, memory)
     print(f"{torch.get_num_threads()} torch thread(s), N = {env.num_envs}, {args.cycles} cycles")
     print("focus encoder, plain  (ms per call): " + " ".join(f"{v:.1f}" for v in plain))
     print("focus encoder, folded (ms per call): " + " ".join(f"{v:.1f}" for v in folded))
     print("GRU classifier step   (ms per call): " + " ".join(f"{v:.2f}" for v in gru)
           + f"   ({macs / 1e6:.1f} M multiply-adds for {env.num_envs} slots)")
+    print(f"glyph images, {env.num_envs} per call (ms): " + " ".join(f"{v:.2f}" for v in images_ms))
+    print(f"glance ({mode}, matrix products) (ms): " + " ".join(f"{v:.2f}" for v in glance_ms))
+    print("glance by F.avg_pool2d (ms):          " + " ".join(f"{v:.2f}" for v in pool_ms))
+    print(f"crops, {env.num_envs} per call (ms):       " + " ".join(f"{v:.2f}" for v in crop_ms))
     for setting in ("1", "0"):
         child = subprocess.run([sys.executable, __file__, "--faults-only", "--threads", str(args.threads)],
                                env={**os.environ, "GFENV_KEEP_FREED_MEMORY": setting}, capture_output=True,
