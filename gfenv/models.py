@@ -57,9 +57,22 @@ class _Frozen(NamedTuple):
     key: tuple
     module: nn.Module
     channels_last: bool
+    tensors: list[torch.Tensor]  # the encoder's parameters and buffers when the copy was built
+    registrations: int  # _REGISTRATIONS[0] then
 
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, _Frozen] = weakref.WeakKeyDictionary()
+_REGISTRATIONS = [0]  # counts parameter, buffer and submodule (re)assignments on any module in the process
+
+
+def _count_registration(*_args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook,
+                  nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
 
 
 def _fold_into(module: nn.Module) -> nn.Module:
@@ -88,14 +101,22 @@ def encode(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     rebuilt whenever the encoder's weights change (tensor version counters: optimiser steps, ``load_state_dict``),
     so observations always follow the weights in use. Encoders in training or with trainable parameters run as
     they are."""
-    tensors = [*encoder.parameters(), *encoder.buffers()]
-    if encoder.training or any(p.requires_grad for p in tensors) or not tensors:
+    if encoder.training:
+        return encoder(x)
+    frozen = _FROZEN.get(encoder)
+    # the encoder's tensors: those the copy was built from unless some module (re)assigned a parameter, buffer or
+    # submodule since (walking the module tree on every call costs more than a small CNN's forward at batch 1)
+    same_tensors = frozen is not None and frozen.registrations == _REGISTRATIONS[0]
+    tensors = frozen.tensors if same_tensors else [*encoder.parameters(), *encoder.buffers()]
+    if any(p.requires_grad for p in tensors) or not tensors:
         return encoder(x)
     key = (x.device, x.dtype, *(id(t) for t in tensors), *(t._version for t in tensors))
-    frozen = _FROZEN.get(encoder)
     if frozen is None or frozen.key != key:
         channels_last = x.device.type == "cpu" and x.dim() == 4
-        frozen = _FROZEN[encoder] = _Frozen(key, _fold(encoder, channels_last), channels_last)
+        frozen = _FROZEN[encoder] = _Frozen(key, _fold(encoder, channels_last), channels_last, tensors,
+                                            _REGISTRATIONS[0])
+    elif not same_tensors:  # registrations elsewhere, the same tensors here: no walk until the next registration
+        frozen = _FROZEN[encoder] = frozen._replace(tensors=tensors, registrations=_REGISTRATIONS[0])
     if frozen.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return frozen.module(x)

@@ -47,6 +47,23 @@ def test_folded_encoder_follows_weight_changes():
         torch.testing.assert_close(encode(enc, x)[0], enc(x)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_folded_encoder_follows_reassigned_tensors_and_submodules():
+    """New tensors or modules put into the encoder (not in-place changes) are followed as well."""
+    enc = _frozen("small_cnn")
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        encode(enc, x)
+        bn = next(m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_var = bn.running_var * 4  # a new buffer tensor
+        torch.testing.assert_close(encode(enc, x)[0], enc(x)[0], atol=1e-5, rtol=1e-5)
+        conv = enc.features[0]
+        enc.features[0] = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False).eval()
+        enc.features[0].requires_grad_(False)  # a new submodule
+        torch.testing.assert_close(encode(enc, x)[0], enc(x)[0], atol=1e-5, rtol=1e-5)
+        bn.weight = torch.nn.Parameter(bn.weight * -1, requires_grad=False)  # a new parameter
+        torch.testing.assert_close(encode(enc, x)[0], enc(x)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_trainable_or_training_encoders_run_as_they_are():
     enc = _frozen("small_cnn")
     x = torch.rand(4, 1, 32, 32)
