@@ -48,12 +48,13 @@ def resize_weights(size_in: int, size_out: int, mode: str, device: torch.device)
     is resized to ``size_out`` by ``F.interpolate`` (``antialias=True, align_corners=False``) or, for "area", by
     ``F.adaptive_avg_pool1d``; read off by resizing the identity. Both resizes are linear and separable, so an
     image's resize is ``rows.T @ image @ cols``."""
-    eye = torch.eye(size_in, device=device)
-    if mode == "area":
-        return F.adaptive_avg_pool1d(eye[:, None, :], size_out).reshape(size_in, size_out)
-    out = F.interpolate(eye.reshape(size_in, 1, 1, size_in), size=(1, size_out), mode=mode, antialias=True,
-                        align_corners=False)
-    return out.reshape(size_in, size_out)
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable with autograd, whoever asks first
+        eye = torch.eye(size_in, device=device)
+        if mode == "area":
+            return F.adaptive_avg_pool1d(eye[:, None, :], size_out).reshape(size_in, size_out)
+        out = F.interpolate(eye.reshape(size_in, 1, 1, size_in), size=(1, size_out), mode=mode, antialias=True,
+                            align_corners=False)
+        return out.reshape(size_in, size_out)
 
 
 def location_to_corner(location: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:

@@ -88,3 +88,13 @@ def test_crop_of_a_view_or_channels_last_batch_matches_slicing():
             assert torch.equal(patches[i], images[i, :, y:y + 33, x:x + 33])
     # a corner past the last patch position is clipped: the patch stays inside the image
     assert torch.equal(crop(base[:1], torch.tensor([[9, 30]]), 33)[0], base[0, :, 7:40, 17:50])
+
+
+def test_glance_weights_made_under_inference_mode_still_serve_autograd():
+    """The resize weights are cached: if an evaluation under torch.inference_mode() builds them first, a later glance
+    of an input that requires grad (e.g. a saliency study) must still backpropagate."""
+    with torch.inference_mode():
+        glance(torch.rand(1, 1, 52, 52), 13, "bilinear")
+    x = torch.rand(2, 1, 52, 52, requires_grad=True)
+    glance(x, 13, "bilinear").sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
