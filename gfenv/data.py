@@ -139,6 +139,32 @@ def _silhouettes(size: int) -> torch.Tensor:
     return torch.stack(shapes).float()  # (5, size, size)
 
 
+@functools.lru_cache(maxsize=8)
+def _glyph_tables(canvas: int, glyph_size: int, noise: float, seed: int, device: torch.device) -> tuple:
+    """The read-only tables a glyph source draws from, built once per setting and shared by every source (train and
+    test splits, the many single envs of a DummyVecEnv): about 14 MB for the default 128 x 128 canvas."""
+    with torch.inference_mode(False), torch.no_grad():
+        # textures are tiled with a phase offset of up to 3 px, so make them 4 px larger than the glyph
+        textures = _textures(glyph_size + 4).to(device)
+        silhouettes = _silhouettes(glyph_size).to(device)
+        # every glyph pixel's value before contrast, per (class, shape, phase_y, phase_x, row, col): the texture
+        # (phase-shifted, lifted to 0.3..1) inside the silhouette, 0 outside; (10, 5, 4, 4, g, g)
+        tex = textures.unfold(1, glyph_size, 1).unfold(2, glyph_size, 1)[:, :4, :4]  # (10, 4, 4, g, g)
+        glyph_table = ((0.3 + 0.7 * tex)[:, None] * silhouettes[None, :, None, None]).contiguous()
+        gen = torch.Generator().manual_seed(seed)
+        noise_bank = torch.randn(16, canvas, canvas, generator=gen).to(device)  # (16, H, W)
+        # what an unpainted pixel shows, clamp(s * field) for s = +noise and -noise: 32 fields computed once.
+        # A wrapped-around window of a field is a plain strided window of the field tiled 2 x 2: the view
+        # windows[k] is the H x W window (row stride 2W) that starts at flat offset k of the tiled fields
+        tiled_fields = noise_bank.repeat(1, 2, 2).reshape(-1)  # (16 * 2H * 2W,): the painted pixels' noise
+        scale = noise * torch.tensor([1.0, -1.0], device=device)
+        clamped = (noise_bank * scale[:, None, None, None]).clamp_(0.0, 1.0).reshape(-1, canvas, canvas)
+        tiled = torch.cat([clamped.repeat(1, 2, 2).reshape(-1), clamped.new_zeros(2 * canvas * canvas)])
+        starts = tiled.numel() - 2 * canvas * canvas
+        clamped_windows = tiled.as_strided((starts, canvas, canvas), (1, 2 * canvas, 1))
+    return textures, silhouettes, glyph_table, noise_bank, tiled_fields, clamped_windows
+
+
 class GlyphSource(ImageSource):
     """Cluttered glyphs, the embedded default task.
 
@@ -168,25 +194,9 @@ class GlyphSource(ImageSource):
         self.size = train_size if split == "train" else test_size
         self.seed = seed
         self.image_shape = (1, canvas, canvas)
-        # textures are tiled with a phase offset of up to 3 px, so make them 4 px larger than the glyph
-        self.textures = _textures(glyph_size + 4).to(self.device)
-        self.silhouettes = _silhouettes(glyph_size).to(self.device)
-        # every glyph pixel's value before contrast, per (class, shape, phase_y, phase_x, row, col): the texture
-        # (phase-shifted, lifted to 0.3..1) inside the silhouette, 0 outside; (10, 5, 4, 4, g, g)
-        tex = self.textures.unfold(1, glyph_size, 1).unfold(2, glyph_size, 1)[:, :4, :4]  # (10, 4, 4, g, g)
-        self._glyph_table = ((0.3 + 0.7 * tex)[:, None] * self.silhouettes[None, :, None, None]).contiguous()
         self._split_id = SPLITS.index(split) if split in SPLITS else 0
-        gen = torch.Generator().manual_seed(seed)
-        self.noise_bank = torch.randn(16, canvas, canvas, generator=gen).to(self.device)  # (16, H, W)
-        # what an unpainted pixel shows, clamp(s * field) for s = +noise and -noise: 32 fields computed once.
-        # A wrapped-around window of a field is a plain strided window of the field tiled 2 x 2: the view
-        # windows[k] is the H x W window (row stride 2W) that starts at flat offset k of the tiled fields
-        self._tiled_fields = self.noise_bank.repeat(1, 2, 2).reshape(-1)  # (16 * 2H * 2W,): the painted pixels' noise
-        scale = self.noise * torch.tensor([1.0, -1.0], device=self.device)
-        clamped = (self.noise_bank * scale[:, None, None, None]).clamp_(0.0, 1.0).reshape(-1, canvas, canvas)
-        tiled = torch.cat([clamped.repeat(1, 2, 2).reshape(-1), clamped.new_zeros(2 * canvas * canvas)])
-        starts = tiled.numel() - 2 * canvas * canvas
-        self._clamped_windows = tiled.as_strided((starts, canvas, canvas), (1, 2 * canvas, 1))
+        (self.textures, self.silhouettes, self._glyph_table, self.noise_bank, self._tiled_fields,
+         self._clamped_windows) = _glyph_tables(canvas, glyph_size, float(noise), seed, self.device)
 
     def __len__(self) -> int:
         return self.size

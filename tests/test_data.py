@@ -48,3 +48,11 @@ def test_an_image_depends_on_its_index_only():
     assert torch.equal(batch[1], alone[0]) and torch.equal(batch[0], batch[3])
     other, _ = GlyphSource("test").get(torch.tensor([123]))
     assert not torch.equal(other[0], alone[0])  # the splits are different images
+
+
+def test_sources_of_one_setting_share_their_tables():
+    """Many single envs (a DummyVecEnv) each build a source: the ~14 MB of noise and glyph tables exist once."""
+    a, b, c = GlyphSource("train"), GlyphSource("test"), GlyphSource("train", noise=0.2)
+    assert a._clamped_windows.data_ptr() == b._clamped_windows.data_ptr()
+    assert a._glyph_table.data_ptr() == b._glyph_table.data_ptr()
+    assert c._clamped_windows.data_ptr() != a._clamped_windows.data_ptr()  # another noise level: its own tables
