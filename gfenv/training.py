@@ -225,7 +225,6 @@ def _make_optimizer(model: GFNetModel, cfg: Stage1Config) -> torch.optim.Optimiz
     raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; choose 'sgd' or 'adamw'.")
 
 
-@torch.no_grad()
 def load_training_state(last: Path, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer,
                         sched: torch.optim.lr_scheduler.LRScheduler, check: Callable[[dict], None] | None = None,
                         ) -> dict:
@@ -242,6 +241,7 @@ def load_training_state(last: Path, device: torch.device, model: nn.Module, opt:
     return state
 
 
+@torch.no_grad()
 def random_policy_accuracy(model: GFNetModel, source: ImageSource, images: int = 2000, batch_size: int = 250,
                            seed: int = 0) -> list[float]:
     """Accuracy (%) after each step with uniformly random focus locations, on the first ``images`` of ``source``."""
