@@ -16,10 +16,9 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 
 Timing: ``--cycles`` cycles; in each, every measure runs once to warm up, then the fast measures take turns run by
 run for ``--repeats`` rounds, in reverse order every other round (``per_env`` and ``sb3_ppo``: the first cycle only,
-a block of half the runs); a figure
-is the median over cycles of its median run, and a ratio the median over all rounds of the ratio of the two runs of
-that round, so that it compares runs taken moments apart on a machine whose speed drifts. The thread count is
-printed. Like the project's scripts, the command keeps freed heap memory for reuse
+a block of half the runs); a figure is the median over cycles of its median run, and a ratio the median over all
+rounds of the ratio of the two runs of that round, so that it compares runs taken moments apart on a machine whose
+speed drifts. The thread count is printed. Like the project's scripts, the command keeps freed heap memory for reuse
 (``gfenv.utils.keep_freed_memory``), and every measure runs the frozen encoders the way the env does
 (``gfenv.models.encode``: BatchNorm folded, channels_last on a CPU). ``--memory`` (CUDA) adds the peak GPU memory
 of a stage-1 training step of GFNet's ImageNet setting (ResNet-50, P = 96, T = 5, effective batch 256) under
@@ -49,6 +48,7 @@ from gfenv.models import encode
 from gfenv.utils import keep_freed_memory
 
 KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo", "batched_stored")
+SLOW = ("per_env", "sb3_ppo")  # timed in the first cycle only, as one block
 
 
 def _sync(device: torch.device) -> None:
@@ -176,12 +176,12 @@ def _time_run(w: Workload, device: torch.device) -> float:
 
 
 def time_rounds(workloads: dict[str, Workload], repeats: int, cycles: int, device: torch.device,
-                slow: tuple[str, ...] = ("per_env", "sb3_ppo")) -> list[dict[str, list[float]]]:
+                slow: tuple[str, ...] = SLOW) -> list[dict[str, list[float]]]:
     """Per cycle, the seconds of each timed run of each workload. Within a cycle every workload runs once to warm
     up, then the fast ones take turns run by run (``repeats`` rounds of one run each, in reverse order every other
     round), so that each ratio compares runs taken moments apart on a machine whose speed drifts by tens of percent
-    within seconds. The ``slow`` ones run
-    in the first cycle only, as a block of max(2, repeats // 2) runs after the rounds."""
+    within seconds. The ``slow`` ones run in the first cycle only, as a block of max(2, repeats // 2) runs after the
+    rounds."""
     out = []
     for c in range(cycles):
         names = [n for n in workloads if n not in slow or c == 0]
@@ -263,19 +263,19 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
         report["gpu"] = torch.cuda.get_device_name(dev)
     log(f"gfenv.bench on {dev} ({report.get('gpu', report['machine'])}), {report['threads']} torch threads, "
         f"N = {num_envs}, {cycles} cycles of blocks of {repeats} timed runs")
-    env = GlanceFocusVectorEnv(num_envs=num_envs, action="grid", seed=0, device=dev,
-                               autoreset_mode=AutoresetMode.SAME_STEP)
+    env_kwargs = {"num_envs": num_envs, "action": "grid", "seed": 0, "device": dev,
+                  "autoreset_mode": AutoresetMode.SAME_STEP}
+    env = GlanceFocusVectorEnv(**env_kwargs)
+    images = max(cache_images, num_envs)
     makers: dict[str, Callable[[], Workload]] = {
         "batched": lambda: vector_env_workload(env, episodes),
         "per_env": lambda: per_env_workload(env, num_envs, 1),
         "floor": lambda: floor_workload(env, episodes),
         "cached": lambda: vector_env_workload(GlanceFocusVectorEnv(
-            num_envs=num_envs, action="grid", seed=0, device=dev, autoreset_mode=AutoresetMode.SAME_STEP,
-            cache="memory", cache_images=max(cache_images, num_envs), model=env.model), episodes * 4),
+            **env_kwargs, cache="memory", cache_images=images, model=env.model), episodes * 4),
         "sb3_ppo": lambda: sb3_ppo_workload(num_envs, device, 1),
         "batched_stored": lambda: vector_env_workload(GlanceFocusVectorEnv(
-            num_envs=num_envs, action="grid", seed=0, device=dev, autoreset_mode=AutoresetMode.SAME_STEP,
-            model=env.model, source=stored_source(env, max(cache_images, num_envs))), episodes),
+            **env_kwargs, model=env.model, source=stored_source(env, images)), episodes),
     }
     workloads = {key: makers[key]() for key in KEYS if key not in skip}
     per_cycle = time_rounds(workloads, repeats, cycles, dev)
@@ -296,7 +296,7 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
             for cycle in per_cycle:
                 if x not in cycle or y not in cycle:
                     continue
-                if len(cycle[x]) == len(cycle[y]) == repeats and y not in ("per_env", "sb3_ppo"):
+                if len(cycle[x]) == len(cycle[y]) == repeats and y not in SLOW:
                     paired += [(sx / tx) / (sy / ty) for tx, ty in zip(cycle[x], cycle[y], strict=True)]
                 else:
                     paired.append((sx / statistics.median(cycle[x])) / (sy / statistics.median(cycle[y])))

@@ -205,7 +205,11 @@ class GlyphSource(ImageSource):
         return indices.to(self.device, torch.int64) * 4 + self._split_id + (self.seed & 0xFFFF) * 7919 * 4
 
     def labels(self, indices: torch.Tensor) -> torch.Tensor:
-        return (hash_uniform(self._keys(indices), 1, 1)[:, 0] * self.num_classes).long().clamp_(max=9)
+        return self._labels(hash_uniform(self._keys(indices), 1, 1))
+
+    def _labels(self, u: torch.Tensor) -> torch.Tensor:
+        """The classes drawn by stream 1's number ``u`` (B, 1)."""
+        return (u[:, 0] * self.num_classes).long().clamp_(max=self.num_classes - 1)
 
     def _paint(self, top: torch.Tensor, left: torch.Tensor, size: int, cls: torch.Tensor, shape: torch.Tensor,
                off_y: torch.Tensor, off_x: torch.Tensor, phase: torch.Tensor, contrast: torch.Tensor,
@@ -227,7 +231,7 @@ class GlyphSource(ImageSource):
         key = self._keys(indices)
         b, n, g, f = key.shape[0], self.canvas, self.glyph_size, self.fragment_size
         label_u, p, q = hash_uniforms(key, ((1, 1), (2, 9), (4, 9 * self.fragments)))
-        labels = (label_u[:, 0] * self.num_classes).long().clamp_(max=9)  # as self.labels(indices)
+        labels = self._labels(label_u)
         # noise: a shifted window of one of a few fixed noise fields, scaled by +-noise, so every image's noise is
         # its own: noise[y, x] = s * field[(y + dy) % n, (x + dx) % n]
         nb = self.noise_bank.shape[0]

@@ -278,7 +278,15 @@ class GlanceFocusVectorEnv(VectorEnv):
                 check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
             g = glance(images, self.patch_size, self.model.config.glance_mode)
             feats, fmap = encode(self.model.glance_encoder, g)
-            values = {"images": images}
+            values = {}
+            if rows is None and mask is None and images.shape == self.images.shape:
+                # a full reset keeps the source's fresh batch (ImageSource.get returns a new tensor) instead of
+                # copying it; it is copied before any partial reset writes into it
+                self.images, self._own_images = images.to(self.images.device, self.images.dtype), False
+            else:
+                if not self._own_images:
+                    self.images, self._own_images = self.images.clone(), True
+                values["images"] = images
         if labels.numel():
             _check_labels(labels, self.num_classes)
         memory = self.model.classifier.init_state(count, device=self.device)
@@ -288,16 +296,6 @@ class GlanceFocusVectorEnv(VectorEnv):
         if self.observation_mode == "gfnet":  # the previous glimpse's map: GFNet's policy input, observed only there
             values["last_map"] = fmap
         values.update({"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1})
-        images = values.pop("images", None)
-        if images is not None:
-            if rows is None and mask is None and images.shape == self.images.shape:
-                # a full reset keeps the source's fresh batch (ImageSource.get returns a new tensor) instead of
-                # copying it; it is copied before any partial reset writes into it
-                self.images, self._own_images = images.to(self.images.device, self.images.dtype), False
-            else:
-                values["images"] = images
-                if not self._own_images:
-                    self.images, self._own_images = self.images.clone(), True
         for name, v in values.items():  # tensors (one row per reset slot) and constants
             target = getattr(self, name)
             if isinstance(v, torch.Tensor):
@@ -316,13 +314,13 @@ class GlanceFocusVectorEnv(VectorEnv):
         n = self.num_envs
         if self.observation_mode == "gfnet":
             return self.last_map.reshape(n, -1).float().clone()
-        parts = {"glance": self.glance_map.reshape(n, -1).float(), "focus": self.last_features.float(),
-                 "memory": self.memory.float(), "visited": self.visited.float(),
-                 "step": (self.t.float() / self.steps)[:, None]}
+        state = {"glance": self.glance_map.reshape(n, -1).float(), "focus": self.last_features.float(),
+                 "memory": self.memory.float()}  # views of the env's state
+        derived = {"visited": self.visited.float(), "step": (self.t.float() / self.steps)[:, None]}  # new tensors
         if self.observation_mode == "flat":
-            return torch.cat(list(parts.values()), dim=1)
-        # fresh tensors (resets overwrite the state in place): copy what is still the state itself
-        return {k: v.clone() if k in ("glance", "focus", "memory") else v for k, v in parts.items()}
+            return torch.cat([*state.values(), *derived.values()], dim=1)
+        # fresh tensors: resets overwrite the state in place
+        return {**{k: v.clone() for k, v in state.items()}, **derived}
 
     def _info(self) -> dict[str, Any]:
         conf, pred = self.probs.max(1)
@@ -400,40 +398,31 @@ class GlanceFocusVectorEnv(VectorEnv):
         else:
             logits, memory = self._per_slot_classify(feats)
         probs = logits.float().softmax(1)
-        if stop is None and idle is None:  # every slot takes its patch (lockstep, no stop action): no masking
-            moving = None
-            step_macs = torch.full((n,), float(self.focus_macs), device=dev)
-            new_t = self.t + 1
-            probs_after = probs
-        else:
-            moving = ~stop if idle is None else ~stop & ~idle
-            if idle is not None:
-                stop = stop & ~idle
-            step_macs = torch.where(moving, float(self.focus_macs), 0.0)
-            new_t = self.t + moving.long()
-            probs_after = torch.where(moving[:, None], probs, self.probs)
+        # the slots that take their patch; None when all do (lockstep, no stop action): then nothing is masked
+        moving = None if stop is None else ~stop if idle is None else ~stop & ~idle
+        if idle is not None:
+            stop = stop & ~idle
+
+        def kept(new: torch.Tensor, old: torch.Tensor | float) -> torch.Tensor:
+            """``new`` where the slot moved, ``old`` where it did not."""
+            return new if moving is None else torch.where(moving.view(-1, *[1] * (new.dim() - 1)), new, old)
+
+        step_macs = kept(torch.full((n,), float(self.focus_macs), device=dev), 0.0)
+        new_t = self.t + (1 if moving is None else moving.long())
         done = (new_t >= self.steps) | (stop if stop is not None else False)
         if not self._lockstep:
             done = done | self.done
+        probs_after = kept(probs, self.probs)
         probs_random = self._random_glimpse_probs() if self.reward_fn.needs_random else None
         reward = self.reward_fn(self.probs, probs_after, self.labels, new_t - 1, step_macs, done, probs_random)
+        reward = kept(reward, 0.0)
+        self.memory, self.last_features = kept(memory, self.memory), kept(feats, self.last_features)
+        if self.observation_mode == "gfnet":
+            self.last_map = kept(fmap, self.last_map)
         rows = torch.arange(n, device=dev)
         slot = (self.t - 1).clamp(0, self.steps - 2)
-        if moving is None:
-            self.memory, self.last_features = memory, feats
-            if self.observation_mode == "gfnet":
-                self.last_map = fmap
-            self.visited[rows, cell] = True
-            self.history[rows, slot] = corners
-        else:
-            reward = torch.where(moving, reward, 0.0)
-            m = moving[:, None]
-            self.memory = torch.where(m, memory, self.memory)
-            self.last_features = torch.where(m, feats, self.last_features)
-            if self.observation_mode == "gfnet":
-                self.last_map = torch.where(moving[:, None, None, None], fmap, self.last_map)
-            self.visited[rows, cell] |= moving
-            self.history[rows, slot] = torch.where(m, corners, self.history[rows, slot])
+        self.visited[rows, cell] = True if moving is None else self.visited[rows, cell] | moving
+        self.history[rows, slot] = corners if moving is None else kept(corners, self.history[rows, slot])
         self.probs = probs_after
         self.t = new_t
         self.cum_macs = self.cum_macs + step_macs.double()
