@@ -37,9 +37,10 @@ FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker ref
 
 def _state_safe(fn):
     """Run a public env method (``reset``, ``step``, ``cell_confidences``; the internals they call rely on it) under
-    ``torch.no_grad()`` and never in inference mode: the env's state tensors are updated in place on later calls, so
-    they must not become inference tensors when a caller steps the env inside ``torch.inference_mode()`` (e.g. an
-    evaluation) and then outside it (e.g. training)."""
+    ``torch.no_grad()`` and never in inference mode: some of the env's state tensors are updated in place on later
+    calls, and the observations (state tensors themselves) go to agents' autograd, so they must not become inference
+    tensors when a caller steps the env inside ``torch.inference_mode()`` (e.g. an evaluation) and then outside it
+    (e.g. training)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -91,7 +92,9 @@ class GlanceFocusVectorEnv(VectorEnv):
     - ``step``: the fraction of glimpses taken, t / T.
     ``observation="gfnet"``: GFNet's exact policy input, the previous glimpse's spatial feature map, flattened.
     ``observation="flat"``: the Dict's entries concatenated into one Box. Unbounded features are declared with
-    the finite bounds +-1e6.
+    the finite bounds +-1e6. Observations are tensors on ``device``; the env never writes into a tensor it returned,
+    but to save copies the ``glance`` map is one tensor for a whole episode (like ``SyncVectorEnv(copy=False)``):
+    clone an observation before writing into it. The single env (``GlanceFocusEnv``) returns numpy copies.
 
     ## Rewards
     ``reward="confidence_gain"`` (default, GFNet): p_t(y) - p_{t-1}(y), the change of the classifier's softmax
@@ -278,55 +281,62 @@ class GlanceFocusVectorEnv(VectorEnv):
                 check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
             g = glance(images, self.patch_size, self.model.config.glance_mode)
             feats, fmap = encode(self.model.glance_encoder, g)
-            values = {}
-            if rows is None and mask is None and images.shape == self.images.shape:
-                # a full reset keeps the source's fresh batch (ImageSource.get returns a new tensor) instead of
-                # copying it; it is copied before any partial reset writes into it
-                self.images, self._own_images = images.to(self.images.device, self.images.dtype), False
-            else:
-                if not self._own_images:
-                    self.images, self._own_images = self.images.clone(), True
-                values["images"] = images
+            values = {"images": images}
         if labels.numel():
             _check_labels(labels, self.num_classes)
         memory = self.model.classifier.init_state(count, device=self.device)
         logits, memory = self.model.classifier.step(feats, memory, 0)
+        fmap = fmap.contiguous()  # (D, h, w) order in memory (not channels_last): observations flatten it as a view
         values.update({"index": idx, "labels": labels, "memory": memory, "probs": logits.float().softmax(1),
                        "glance_map": fmap, "last_features": feats})
         if self.observation_mode == "gfnet":  # the previous glimpse's map: GFNet's policy input, observed only there
             values["last_map"] = fmap
         values.update({"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1})
+        # The state is rebound to new tensors, never written in place, so that the observations and infos can be the
+        # state tensors themselves (no copies): nothing the env returned changes later. The one exception is the
+        # image batch (never returned) on a partial reset by rows: written in place, after a copy of the source's
+        # batch (a full reset keeps that batch itself: ImageSource.get returns a new tensor).
         for name, v in values.items():  # tensors (one row per reset slot) and constants
             target = getattr(self, name)
             if isinstance(v, torch.Tensor):
-                v = v.to(target.dtype)
+                v = v.to(target.device, target.dtype)
             if mask is not None:
-                target.copy_(torch.where(mask.view(-1, *[1] * (target.dim() - 1)), v, target))
+                new = torch.where(mask.view(-1, *[1] * (target.dim() - 1)), v, target)
+            elif rows is not None and name == "images":
+                if not self._own_images:
+                    self.images, self._own_images = self.images.clone(), True
+                self.images[rows] = v
+                continue
             elif rows is not None:
-                target[rows] = v
+                new = target.index_put((rows,), torch.as_tensor(v, dtype=target.dtype, device=target.device))
             elif isinstance(v, torch.Tensor):
-                target.copy_(v)
+                new = v
             else:
-                target.fill_(v)
+                new = torch.full_like(target, v)
+            setattr(self, name, new)
+            if name == "images":
+                self._own_images = mask is not None  # torch.where made a new batch; a full reset keeps the source's
         self._cell_features = None
 
     def _observation(self) -> Any:
         n = self.num_envs
         if self.observation_mode == "gfnet":
-            return self.last_map.reshape(n, -1).float().clone()
-        state = {"glance": self.glance_map.reshape(n, -1).float(), "focus": self.last_features.float(),
-                 "memory": self.memory.float()}  # views of the env's state
-        derived = {"visited": self.visited.float(), "step": (self.t.float() / self.steps)[:, None]}  # new tensors
+            return self.last_map.reshape(n, -1).float()
+        # The glance map and focus features are the env's state tensors themselves, not copies: the state is rebound,
+        # never written in place (see _reset_slots), so nothing returned changes later; the glance map is the same
+        # tensor on every step of an episode. The memory is copied: the next step computes from the env's own.
+        obs = {"glance": self.glance_map.reshape(n, -1).float(), "focus": self.last_features.float(),
+               "memory": self.memory.float().clone(), "visited": self.visited.float(),
+               "step": (self.t.float() / self.steps)[:, None]}
         if self.observation_mode == "flat":
-            return torch.cat([*state.values(), *derived.values()], dim=1)
-        # fresh tensors: resets overwrite the state in place
-        return {**{k: v.clone() for k, v in state.items()}, **derived}
+            return torch.cat(list(obs.values()), dim=1)
+        return obs
 
     def _info(self) -> dict[str, Any]:
         conf, pred = self.probs.max(1)
         ones = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
-        info = {"prediction": pred, "confidence": conf, "correct": pred == self.labels, "macs": self.cum_macs.clone(),
-                "step": self.t.clone(), "true_confidence": self.probs.gather(1, self.labels[:, None]).squeeze(1)}
+        info = {"prediction": pred, "confidence": conf, "correct": pred == self.labels, "macs": self.cum_macs,
+                "step": self.t, "true_confidence": self.probs.gather(1, self.labels[:, None]).squeeze(1)}
         info.update({f"_{k}": ones for k in list(info)})
         return info
 
@@ -566,9 +576,11 @@ class GlanceFocusEnv(gym.Env):
         self._ended = True
 
     def _np(self, obs: Any) -> Any:
+        """Numpy copies: Gymnasium's contract is new observation data on every call (the vector env's glance map is
+        one tensor for a whole episode)."""
         if isinstance(obs, dict):
-            return {k: v[0].cpu().numpy() for k, v in obs.items()}
-        return obs[0].cpu().numpy()
+            return {k: v[0].cpu().numpy().copy() for k, v in obs.items()}
+        return obs[0].cpu().numpy().copy()
 
     @staticmethod
     def _info(info: dict) -> dict:

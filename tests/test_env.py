@@ -112,6 +112,49 @@ def test_early_stops_leave_the_batches_the_source_returned_untouched():
     assert all(torch.equal(batch, copy) for batch, copy in returned)
 
 
+@pytest.mark.parametrize("action,masked", [("grid", False), ("grid+stop", False), ("grid+stop", True)])
+@pytest.mark.parametrize("observation", ["dict", "gfnet"])
+def test_returned_observations_and_infos_never_change_later(action, masked, observation):
+    """Observations are the env's state tensors themselves (not copies): the env must never write into what it
+    returned, through steps, full resets and partial resets (by rows on a CPU, by masks as on CUDA)."""
+    env = GlanceFocusVectorEnv(num_envs=3, action=action, observation=observation, autoreset_mode="SameStep", seed=0)
+    env._masked_resets = masked
+    kept = []
+
+    def keep(*returned):
+        flat = [x for r in returned for x in (r.values() if isinstance(r, dict) else [r])
+                if isinstance(x, torch.Tensor)]
+        kept.extend((x, x.clone()) for x in flat)
+
+    keep(*env.reset(seed=0))
+    stop = env.grid ** 2 if action == "grid+stop" else 0
+    for a in ([stop, 3, 4], [5, stop, 6], [7, 8, stop], [9, 10, 11], [12, 13, 14], [1, 2, 3]):
+        obs, reward, term, trunc, info = env.step(torch.tensor(a))
+        keep(obs, reward, term, info, *[info[k] for k in ("final_obs", "final_info") if k in info])
+        if "final_obs" in info and term.any():  # the episode's last observation, not the new episode's first
+            last, first = (o if observation == "gfnet" else o["glance"] for o in (info["final_obs"], obs))
+            assert not torch.equal(last[term], first[term])
+    assert len(kept) > 50
+    assert all(torch.equal(x, copy) for x, copy in kept)
+
+
+def test_writing_into_returned_observations_does_not_change_the_episodes():
+    """Observations are not all copies; a user writing into them must still not change rewards or predictions."""
+    envs = [GlanceFocusVectorEnv(num_envs=3, action="grid+stop", autoreset_mode="SameStep", seed=0) for _ in range(2)]
+    outs = []
+    for scribble, env in zip((False, True), envs):
+        obs, _ = env.reset(seed=0)
+        out = []
+        for a in ([49, 3, 4], [5, 49, 6], [7, 8, 49], [9, 10, 11], [12, 13, 14]):
+            if scribble:
+                for v in obs.values():
+                    v.add_(100.0)
+            obs, reward, term, trunc, info = env.step(torch.tensor(a))
+            out += [reward, info["true_confidence"], info["prediction"]]
+        outs.append(out)
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
 @pytest.mark.parametrize("action,actions", [("grid", [[1, 2, 3]] * 4), ("grid+stop", [[49, 2, 3], [5, 49, 7]])])
 def test_same_step_autoreset_marks_the_slots_whose_episode_ended(action, actions):
     """Gymnasium's SAME_STEP contract: info["_final_obs"] / ["_final_info"] say which slots' final_obs is real."""
