@@ -12,6 +12,11 @@ Stage 2 (policy learning): a learned agent on the frozen stage-1 features, e.g.
 writes runs/<agent>/GlanceFocus-v0_<n>/ (config.yml, tb/, evaluations.jsonl, best_model, model, last, checkpoints/);
 hyperparameters from hyperparams/<agent>.yml, overridable with --hyperparams k=v.
 
+Stage 3 (fine-tuning on a policy's glimpses): the classifier (and by option the encoders) on the patches an agent
+picks, with its actions sampled, e.g.
+    python train_agent.py --stage 3 --run-dir runs/maskable_ppo/GlanceFocus-v0_1 --hyperparams episodes=8192
+    python train_agent.py --stage 3 --agent center            # a fixed agent: runs/center/stage3/model.pt
+
 Static reference: the same encoder family on the whole image at full resolution (the accuracy GFNet must match), e.g.
     python train_agent.py --stage static --env-kwargs dataset=glyphs --run-dir runs/static/glyphs
 """
@@ -74,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyperparams", nargs="*", action="extend", default=[], metavar="K=V",
                    help="stage 1: Stage1Config fields; stage 2: the agent's (over hyperparams/<agent>.yml); "
                         "static: StaticConfig fields")
-    p.add_argument("--agent", default=None, help="stage 2: learned agent to train (default ppo)")
+    p.add_argument("--agent", default=None, help="stage 2: learned agent to train (default ppo); stage 3 without "
+                                                 "--run-dir: a fixed agent (random, center, raster, oracle)")
     p.add_argument("--timesteps", type=int, default=None, help="stage 2: total timesteps (default: the yml's)")
     p.add_argument("--num-envs", type=int, default=None, help="stage 2: parallel env slots (default: the yml's)")
     p.add_argument("--eval-freq", type=int, default=10_000,
@@ -146,13 +152,24 @@ def main_job(args: argparse.Namespace) -> int:
 
 
 def stage3(args: argparse.Namespace) -> int:
-    """``--stage 3 --run-dir RUN``: fine-tune the classifier on the glimpses of RUN's stage-2 agent."""
-    from agents.learned import load_agent
+    """``--stage 3 --run-dir RUN``: fine-tune the classifier on the glimpses of RUN's stage-2 agent; ``--stage 3
+    --agent NAME`` (a fixed agent of the registry: random, center, raster, oracle): on that agent's glimpses, saved
+    to ``<run-dir or runs/NAME>/stage3/model.pt``."""
+    from agents import AGENTS, make_agent
+    from agents.learned import is_learned, learned_agent_names, load_agent
     from gfenv.distributed import distributed, is_main
     from gfenv.stage3 import Stage3Config, finetune
 
-    if not args.run_dir:
-        print("error: --stage 3 needs --run-dir of a stage-2 run (its agent picks the patches).", file=sys.stderr)
+    fixed = sorted(n for n in AGENTS if not is_learned(n))
+    if args.agent is not None and (args.agent not in AGENTS or is_learned(args.agent)):
+        what = "is trained in stage 2" if args.agent in AGENTS else "is not a registered agent"
+        print(f"error: --stage 3 --agent takes a fixed agent ({', '.join(fixed)}); {args.agent!r} {what}. For a "
+              f"learned agent ({', '.join(learned_agent_names())}) train it with --stage 2 --agent NAME, then run "
+              "--stage 3 --run-dir RUN on its run folder.", file=sys.stderr)
+        return 2
+    if not args.run_dir and args.agent is None:
+        print("error: --stage 3 needs --run-dir of a stage-2 run (its agent picks the patches), or --agent with a "
+              f"fixed agent ({', '.join(fixed)}).", file=sys.stderr)
         return 2
     fields = set(Stage3Config.__dataclass_fields__)
     settings = parse_kv(args.hyperparams)
@@ -172,10 +189,13 @@ def stage3(args: argparse.Namespace) -> int:
         return 2
     try:
         with distributed(args.device) as device:  # under torchrun: this process's group and device
-            agent = load_agent(args.run_dir, device=str(device))
+            if args.agent is not None:
+                agent, out = make_agent(args.agent, seed=args.seed), Path(args.run_dir or f"runs/{args.agent}")
+            else:
+                agent, out = load_agent(args.run_dir, device=str(device)), Path(args.run_dir)
             path = finetune(agent, parse_kv(args.env_kwargs), episodes, Stage3Config(seed=args.seed, **settings),
                             seed=args.seed, device=device, progress=not args.no_progress,
-                            path=Path(args.run_dir) / "stage3" / "model.pt")
+                            path=out / "stage3" / "model.pt")
             main_process = is_main()
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

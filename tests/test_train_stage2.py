@@ -167,6 +167,22 @@ def test_stage_3_cli_fine_tunes_on_the_glimpses_of_a_stage_2_run(tmp_path, capsy
     assert "--run-dir" in capsys.readouterr().err
 
 
+def test_stage_3_cli_fine_tunes_on_the_glimpses_of_a_fixed_agent(tmp_path, capsys):
+    from gfenv.checkpoint import load_model
+
+    before = GlanceFocusVectorEnv(num_envs=1).model.classifier.state_dict()
+    assert train_agent.main(["--stage", "3", "--agent", "center", "--run-dir", str(tmp_path), "--no-progress",
+                             "--hyperparams", "episodes=8", "update_every=8", "batch_size=8"]) == 0
+    model, meta = load_model(tmp_path / "stage3" / "model.pt")
+    assert meta["stage"] == 3 and meta["agent"] == "center" and meta["updates"] == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before.values(), model.classifier.state_dict().values()))
+    for agent, says in (("ppo", "--stage 2 --agent NAME"), ("nobody", "not a registered agent")):
+        assert train_agent.main(["--stage", "3", "--agent", agent, "--run-dir", str(tmp_path / agent)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "center" in err
+        assert not (tmp_path / agent).exists()
+
+
 def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
     import json
 
