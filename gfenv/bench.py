@@ -132,8 +132,7 @@ def floor_workload(env: GlanceFocusVectorEnv, episodes: int) -> Workload:
     def run():
         for _ in range(episodes):
             feats, _ = encode(model.glance_encoder, glance_in)
-            memory = model.classifier.init_state(n, device=env.device)
-            logits, memory = model.classifier.step(feats, memory, 0)
+            logits, memory = model.classifier.first(feats)  # the glance's step, as the env takes it
             logits.float().softmax(1)
             for t, x in enumerate(patches, start=1):
                 feats, _ = encode(model.focus_encoder, x)

@@ -284,8 +284,7 @@ class GlanceFocusVectorEnv(VectorEnv):
             values = {"images": images}
         if labels.numel():
             _check_labels(labels, self.num_classes)
-        memory = self.model.classifier.init_state(count, device=self.device)
-        logits, memory = self.model.classifier.step(feats, memory, 0)
+        logits, memory = self.model.classifier.first(feats)  # = step(feats, init_state(count), 0)
         fmap = fmap.contiguous()  # (D, h, w) order in memory (not channels_last): observations flatten it as a view
         values.update({"index": idx, "labels": labels, "memory": memory, "probs": logits.float().softmax(1),
                        "glance_map": fmap, "last_features": feats})

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -148,6 +149,23 @@ class RecurrentClassifier(nn.Module):
         state = self.gru(features, state)
         return self.head(state), state
 
+    def first(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step(features, init_state(B), 0)`` bit for bit, without the hidden-state product: at h = 0 the hidden
+        gates are the bias b_hh exactly. The rest is ATen's GRU cell in its order of operations and memory layout
+        (its elementwise kernels round differently on other layouts): r = sigmoid(h_r + i_r), z = sigmoid(h_z + i_z),
+        n = tanh(i_n + h_n r), h' = (h - n) z + n."""
+        gru, b = self.gru, features.shape[0]
+        if torch.is_autocast_enabled(features.device.type):  # autocast casts the cell and a linear differently
+            return self.step(features, self.init_state(b, features.device, features.dtype), 0)
+        i_r, i_z, i_n = F.linear(features, gru.weight_ih, gru.bias_ih).unsafe_chunk(3, 1)
+        bias = gru.bias_hh if gru.bias_hh is not None else features.new_zeros(3 * self.hidden)
+        h_r, h_z, h_n = bias.to(i_r.dtype).expand(b, -1).clone().unsafe_chunk(3, 1)  # (B, 3H), as linear(0) gives
+        r = h_r.add_(i_r).sigmoid_()
+        z = h_z.add_(i_z).sigmoid_()
+        n = i_n.add(h_n.mul_(r)).tanh_()
+        state = n.neg().mul_(z).add_(n)
+        return self.head(state), state
+
 
 class CascadedClassifier(nn.Module):
     """GFNet's f_C for MobileNetV3/EfficientNet: at step t a linear head over the features of steps 1..t."""
@@ -161,6 +179,10 @@ class CascadedClassifier(nn.Module):
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(batch, self.state_dim, device=device, dtype=dtype)  # (B, T*D)
+
+    def first(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step(features, init_state(B), 0)``: the glance's step."""
+        return self.step(features, self.init_state(features.shape[0], features.device, features.dtype), 0)
 
     def step(self, features: torch.Tensor, state: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         if t >= self.steps:

@@ -89,3 +89,25 @@ def test_keep_freed_memory_stops_page_faults_on_reused_big_tensors(monkeypatch):
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     # without the setting each one is a fresh mapping: 10 x 16,384 page faults; with it, at most a heap growth or two
     assert faults < 3 * 16384, f"{faults} page faults for 10 reused 64 MB tensors"
+
+
+@pytest.mark.parametrize("classifier", ["gru", "cascaded"])
+@pytest.mark.parametrize("batch", [1, 3, 12, 256])
+def test_classifier_first_step_is_the_step_from_the_initial_state_bit_for_bit(classifier, batch):
+    """The env takes the glance's classifier step with ``first()`` (no hidden-state product for the GRU): the same
+    logits and state as ``step(x, init_state(B), 0)`` to the bit, in and out of autocast, and the same gradients."""
+    from gfenv.models import CLASSIFIERS
+
+    torch.manual_seed(batch)
+    model = CLASSIFIERS[classifier](feature_dim=32, num_classes=10, hidden=48, steps=5)
+    with torch.no_grad():
+        model.gru.bias_hh.normal_() if classifier == "gru" else None  # a non-zero hidden bias: it must be used
+    x = (torch.randn(batch, 32) * 3).requires_grad_(True)
+    plain = model.step(x, model.init_state(batch), 0)
+    first = model.first(x)
+    assert all(torch.equal(a, b) for a, b in zip(plain, first))
+    grads = [torch.autograd.grad(out[0].square().sum() + out[1].sum(), x)[0] for out in (plain, first)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, first = model.step(x, model.init_state(batch), 0), model.first(x)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(plain, first))
