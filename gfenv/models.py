@@ -150,10 +150,11 @@ class RecurrentClassifier(nn.Module):
         return self.head(state), state
 
     def first(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``step(features, init_state(B), 0)`` bit for bit, without the hidden-state product: at h = 0 the hidden
-        gates are the bias b_hh exactly. The rest is ATen's GRU cell in its order of operations and memory layout
-        (its elementwise kernels round differently on other layouts): r = sigmoid(h_r + i_r), z = sigmoid(h_z + i_z),
-        n = tanh(i_n + h_n r), h' = (h - n) z + n."""
+        """``step(features, init_state(B), 0)`` without the hidden-state product: at h = 0 the hidden gates are the
+        bias b_hh exactly. The rest is ATen's CPU GRU cell in its order of operations and memory layout (its
+        elementwise kernels round differently on other layouts): r = sigmoid(h_r + i_r), z = sigmoid(h_z + i_z),
+        n = tanh(i_n + h_n r), h' = (h - n) z + n; so on a CPU the result is the step's bit for bit. CUDA's GRU cell
+        is one fused kernel, which rounds differently (to float rounding)."""
         gru, b = self.gru, features.shape[0]
         if torch.is_autocast_enabled(features.device.type):  # autocast casts the cell and a linear differently
             return self.step(features, self.init_state(b, features.device, features.dtype), 0)

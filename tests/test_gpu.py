@@ -102,3 +102,16 @@ def test_stage3_memory_options_on_cuda():
 
 def test_static_reference_trains_on_cuda(tmp_path):
     static_reference_trains("cuda", tmp_path)
+
+
+def test_classifier_first_step_matches_the_step_from_the_initial_state_on_cuda():
+    """On CUDA the GRU cell is one fused kernel: ``first()`` equals it to float rounding (bit for bit on a CPU)."""
+    from gfenv.models import RecurrentClassifier
+
+    torch.manual_seed(0)
+    model = RecurrentClassifier(feature_dim=128, num_classes=10).cuda()
+    x = torch.randn(256, 128, device="cuda") * 3
+    with torch.no_grad():
+        plain, first = model.step(x, model.init_state(256, device="cuda"), 0), model.first(x)
+    for a, b in zip(plain, first):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
