@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.base import make_agent
-from agents.training import PolicyTrainingConfig, train_policy
+from agents.training import PolicyTrainingConfig, resolve_config, train_policy
 from gfenv.evaluation import evaluate, format_table
 from gfenv.stage3 import Stage3Config, finetune
 
@@ -26,8 +26,9 @@ class PipelineConfig:
     """Learned agent for stage 2 (its hyperparameters come from ``hyperparams/<agent>.yml``)."""
     env_kwargs: dict = field(default_factory=dict)
     """Task settings (default: the embedded cluttered-glyphs task with the shipped stage-1 encoders)."""
-    timesteps: int = 60_000
-    """Stage-2 training timesteps."""
+    timesteps: int | None = None
+    """Stage-2 training timesteps; default the agent's ``n_timesteps`` in ``hyperparams/<agent>.yml`` (PPO on the
+    default task: 100,000)."""
     stage3_episodes: int = 8192
     """Train images the stage-3 fine-tuning runs the policy on."""
     stage3: dict = field(default_factory=lambda: {"classifier_lr": 0.01, "train_focus": True, "encoder_lr": 0.001})
@@ -54,10 +55,11 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    policy = train_policy(PolicyTrainingConfig(agent=cfg.agent, env_kwargs=dict(cfg.env_kwargs),
-                                               timesteps=cfg.timesteps, seed=cfg.seed, device=cfg.device,
-                                               eval_freq=-1, checkpoint_freq=0, progress=cfg.progress),
-                          run_dir / "stage2")
+    policy_cfg = PolicyTrainingConfig(agent=cfg.agent, env_kwargs=dict(cfg.env_kwargs), timesteps=cfg.timesteps,
+                                      seed=cfg.seed, device=cfg.device, eval_freq=-1, checkpoint_freq=0,
+                                      progress=cfg.progress)
+    timesteps = resolve_config(policy_cfg)["timesteps"]  # the yml's n_timesteps when cfg.timesteps is None
+    policy = train_policy(policy_cfg, run_dir / "stage2")
     t2 = time.time()
     stage3_path = finetune(policy, dict(cfg.env_kwargs), cfg.stage3_episodes,
                            Stage3Config(seed=cfg.seed, **cfg.stage3), seed=cfg.seed, device=cfg.device,
@@ -80,6 +82,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
     report = "\n".join(lines)
     print(report)
     (run_dir / "results.md").write_text("```\n" + report + "\n```\n")
-    (run_dir / "results.json").write_text(json.dumps({"config": asdict(cfg), "seconds": seconds, "stage3_checkpoint":
-                                                      str(stage3_path), "agents": results}, indent=2) + "\n")
+    summary = {"config": {**asdict(cfg), "timesteps": timesteps}, "seconds": seconds,
+               "stage3_checkpoint": str(stage3_path), "agents": results}
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return results

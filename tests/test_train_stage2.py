@@ -4,6 +4,7 @@ model; evaluation, checkpoints, resume, Ctrl-C, seeding, hyperparameter override
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,16 @@ def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
         assert len(res["accuracy"]) == len(res["macs"]) == len(res["score"]) == 5
     assert report["agents"]["oracle"]["score"][-1] == 100.0 and report["agents"]["random"]["score"][-1] == 0.0
     assert (tmp_path / "results.md").exists() and (tmp_path / "stage3" / "model.pt").exists()
+    assert report["config"]["timesteps"] == 64
+
+
+def test_main_job_trains_ppo_for_the_budget_of_its_hyperparameter_file():
+    from agents.pipeline import PipelineConfig
+
+    resolved = resolve_config(PolicyTrainingConfig(agent="ppo", timesteps=PipelineConfig().timesteps))
+    ppo_yml = Path(__file__).resolve().parent.parent / "hyperparams" / "ppo.yml"
+    expected = yaml.safe_load(ppo_yml.read_text())["gfenv/GlanceFocus-v0"]["n_timesteps"]
+    assert resolved["timesteps"] == expected == 100_000
 
 
 def test_evaluate_agent_loads_a_trained_run_by_label(tmp_path):
