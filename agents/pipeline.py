@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from agents.base import make_agent
-from agents.training import PolicyTrainingConfig, resolve_config, train_policy
+from agents.training import PolicyTrainingConfig, train_policy
 from gfenv.evaluation import evaluate, format_table
 from gfenv.stage3 import Stage3Config, finetune
 
@@ -55,11 +57,12 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    policy_cfg = PolicyTrainingConfig(agent=cfg.agent, env_kwargs=dict(cfg.env_kwargs), timesteps=cfg.timesteps,
-                                      seed=cfg.seed, device=cfg.device, eval_freq=-1, checkpoint_freq=0,
-                                      progress=cfg.progress)
-    timesteps = resolve_config(policy_cfg)["timesteps"]  # the yml's n_timesteps when cfg.timesteps is None
-    policy = train_policy(policy_cfg, run_dir / "stage2")
+    policy = train_policy(PolicyTrainingConfig(agent=cfg.agent, env_kwargs=dict(cfg.env_kwargs),
+                                               timesteps=cfg.timesteps, seed=cfg.seed, device=cfg.device,
+                                               eval_freq=-1, checkpoint_freq=0, progress=cfg.progress),
+                          run_dir / "stage2")
+    # the budget stage 2 used (the yml's n_timesteps when cfg.timesteps is None), as its config.yml records it
+    timesteps = yaml.safe_load((run_dir / "stage2" / "config.yml").read_text())["timesteps"]
     t2 = time.time()
     stage3_path = finetune(policy, dict(cfg.env_kwargs), cfg.stage3_episodes,
                            Stage3Config(seed=cfg.seed, **cfg.stage3), seed=cfg.seed, device=cfg.device,

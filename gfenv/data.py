@@ -218,9 +218,11 @@ class GlyphSource(ImageSource):
         pixels' flat indices in the canvas, in the tiled noise fields (``origin`` (B,): where the image's noise
         window starts there) and their values, (B, k * size * size) each. Arguments are (B, k) (phase (B, k, 2))."""
         b, n, s = top.shape[0], self.canvas, self.glyph_size
+        shapes, phases = self._glyph_table.shape[1:3]
         r = torch.arange(size, device=self.device)
         # one read of the glyph table per pixel: table[cls, shape, phase_y, phase_x, off_y + u, off_x + v]
-        start = (((cls * 5 + shape) * 4 + phase[..., 0]) * 4 + phase[..., 1]) * (s * s) + off_y * s + off_x
+        cell = ((cls * shapes + shape) * phases + phase[..., 0]) * phases + phase[..., 1]
+        start = cell * (s * s) + off_y * s + off_x
         value = contrast[..., None, None] * torch.take(self._glyph_table, start[..., None, None] + (r[:, None] * s + r))
         flat = (top * n + left)[..., None, None] + (r[:, None] * n + r)
         fields = (origin[:, None] + top * (2 * n) + left)[..., None, None] + (r[:, None] * (2 * n) + r)

@@ -291,10 +291,11 @@ class GlanceFocusVectorEnv(VectorEnv):
         if self.observation_mode == "gfnet":  # the previous glimpse's map: GFNet's policy input, observed only there
             values["last_map"] = fmap
         values.update({"t": 1, "visited": False, "done": False, "cum_macs": float(self.glance_macs), "history": -1})
-        # The state is rebound to new tensors, never written in place, so that the observations and infos can be the
-        # state tensors themselves (no copies): nothing the env returned changes later. The one exception is the
-        # image batch (never returned) on a partial reset by rows: written in place, after a copy of the source's
-        # batch (a full reset keeps that batch itself: ImageSource.get returns a new tensor).
+        # A reset rebinds the state to new tensors instead of writing into them, so the observations and infos can be
+        # state tensors themselves (no copies): nothing the env returned changes later (a step writes in place only
+        # into visited and history, which are never returned). The one exception is the image batch (never returned)
+        # on a partial reset by rows: written in place, after a copy of the source's batch (a full reset keeps that
+        # batch itself: ImageSource.get returns a new tensor).
         for name, v in values.items():  # tensors (one row per reset slot) and constants
             target = getattr(self, name)
             if isinstance(v, torch.Tensor):
@@ -321,9 +322,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         n = self.num_envs
         if self.observation_mode == "gfnet":
             return self.last_map.reshape(n, -1).float()
-        # The glance map and focus features are the env's state tensors themselves, not copies: the state is rebound,
-        # never written in place (see _reset_slots), so nothing returned changes later; the glance map is the same
-        # tensor on every step of an episode. The memory is copied: the next step computes from the env's own.
+        # state tensors themselves, not copies (see _reset_slots), but for the memory, which the next step reads
         obs = {"glance": self.glance_map.reshape(n, -1).float(), "focus": self.last_features.float(),
                "memory": self.memory.float().clone(), "visited": self.visited.float(),
                "step": (self.t.float() / self.steps)[:, None]}
@@ -444,7 +443,7 @@ class GlanceFocusVectorEnv(VectorEnv):
             if any_done:
                 info["final_obs"] = obs
                 info["final_info"] = info.copy()
-                ended = done.clone()  # not the state tensor itself, which the reset below overwrites in place
+                ended = done.clone()  # its own tensor: writing into it must not change terminated or the state
                 info["_final_obs"] = ended
                 info["_final_info"] = ended
                 if self._lockstep:

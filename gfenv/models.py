@@ -132,7 +132,15 @@ def build_encoder(name: str, in_channels: int, weights: str | None = None, **kwa
     return BACKBONES[name](in_channels=in_channels, weights=weights, **kwargs)
 
 
-class RecurrentClassifier(nn.Module):
+class _Classifier(nn.Module):
+    """What the env and training ask of a classifier f_C: ``init_state``, ``step`` and ``first``."""
+
+    def first(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The glance's step: ``step(features, init_state(B), 0)``."""
+        return self.step(features, self.init_state(features.shape[0], features.device, features.dtype), 0)
+
+
+class RecurrentClassifier(_Classifier):
     """GFNet's f_C for ResNet/DenseNet/RegNet: a GRU cell over each step's features, then a linear head."""
 
     def __init__(self, feature_dim: int, num_classes: int, hidden: int = 256, steps: int = 5):
@@ -155,9 +163,9 @@ class RecurrentClassifier(nn.Module):
         elementwise kernels round differently on other layouts): r = sigmoid(h_r + i_r), z = sigmoid(h_z + i_z),
         n = tanh(i_n + h_n r), h' = (h - n) z + n; so on a CPU the result is the step's bit for bit. CUDA's GRU cell
         is one fused kernel, which rounds differently (to float rounding)."""
-        gru, b = self.gru, features.shape[0]
         if torch.is_autocast_enabled(features.device.type):  # autocast casts the cell and a linear differently
-            return self.step(features, self.init_state(b, features.device, features.dtype), 0)
+            return super().first(features)
+        gru, b = self.gru, features.shape[0]
         i_r, i_z, i_n = F.linear(features, gru.weight_ih, gru.bias_ih).unsafe_chunk(3, 1)
         bias = gru.bias_hh if gru.bias_hh is not None else features.new_zeros(3 * self.hidden)
         h_r, h_z, h_n = bias.to(i_r.dtype).expand(b, -1).clone().unsafe_chunk(3, 1)  # (B, 3H), as linear(0) gives
@@ -168,7 +176,7 @@ class RecurrentClassifier(nn.Module):
         return self.head(state), state
 
 
-class CascadedClassifier(nn.Module):
+class CascadedClassifier(_Classifier):
     """GFNet's f_C for MobileNetV3/EfficientNet: at step t a linear head over the features of steps 1..t."""
 
     def __init__(self, feature_dim: int, num_classes: int, hidden: int = 0, steps: int = 5):
@@ -180,10 +188,6 @@ class CascadedClassifier(nn.Module):
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(batch, self.state_dim, device=device, dtype=dtype)  # (B, T*D)
-
-    def first(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``step(features, init_state(B), 0)``: the glance's step."""
-        return self.step(features, self.init_state(features.shape[0], features.device, features.dtype), 0)
 
     def step(self, features: torch.Tensor, state: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         if t >= self.steps:
