@@ -5,7 +5,8 @@
 Prints, for N = 256 slots of the default task:
 - the focus encoder on 256 patches, plain and folded (``gfenv.models.encode``), alternated cycle by cycle (ms per
   call, the median of 10 calls per cycle);
-- the GRU classifier step on 256 slots (ms per call) and its multiply-adds (``torch.utils.flop_counter``);
+- the GRU classifier step on 256 slots (ms per call) and its multiply-adds (``torch.utils.flop_counter``), and the
+  glance's step from the zero state (``classifier.first``, what a reset takes);
 - what the env adds around them: 256 new glyph images (a reset), their glance (and the same by ``F.avg_pool2d``,
   the kernel the area glance used before), 256 crops (a step);
 - minor page faults per batched env step, with and without ``gfenv.utils.keep_freed_memory`` (each in a fresh
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             plain.append(_median_ms(lambda: m.focus_encoder(x)))
             folded.append(_median_ms(lambda: encode(m.focus_encoder, x)))
         gru = [_median_ms(lambda: m.classifier.step(feats, memory, 1)) for _ in range(args.cycles)]
+        first = [_median_ms(lambda: m.classifier.first(feats)) for _ in range(args.cycles)]
         # what the env adds per reset (256 new images) and per step, beside the encoders
         source, idx = env.source, torch.randint(len(env.source), (env.num_envs,), generator=torch.Generator())
         mode = m.config.glance_mode
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print("focus encoder, folded (ms per call): " + " ".join(f"{v:.1f}" for v in folded))
     print("GRU classifier step   (ms per call): " + " ".join(f"{v:.2f}" for v in gru)
           + f"   ({macs / 1e6:.1f} M multiply-adds for {env.num_envs} slots)")
+    print("GRU glance step, first (ms per call): " + " ".join(f"{v:.2f}" for v in first))
     print(f"glyph images, {env.num_envs} per call (ms): " + " ".join(f"{v:.2f}" for v in images_ms))
     print(f"glance ({mode}, matrix products) (ms): " + " ".join(f"{v:.2f}" for v in glance_ms))
     print("glance by F.avg_pool2d (ms):          " + " ".join(f"{v:.2f}" for v in pool_ms))
