@@ -15,7 +15,7 @@ from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
 
 
 class Agent:
-    """Base class for agents (``gfenv.evaluation.AgentLike`` is the duck type the evaluator needs).
+    """Base class for agents (``gfenv.eval.evaluation.AgentLike`` is the duck type the evaluator needs).
 
     ``reset(env)`` is called when a batch of episodes starts and ``act(obs, env)`` once per env step; ``act``
     returns actions on ``env.device``: (N,) long for the grid modes, (N, 2) float in [-1, 1] for ``continuous``.

@@ -23,7 +23,7 @@ from agents.base import check_action_mode, register_agent
 from agents.learned import LearnedAgent
 from gfenv.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.evaluation import FIXED_ENV_KWARGS
+from gfenv.eval.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
 
 FORMAT = "gfenv-gfnet-ppo-v1"

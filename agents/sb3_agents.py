@@ -32,7 +32,7 @@ from agents.features import GlanceFocusExtractor
 from agents.learned import LearnedAgent, TrainingCallback, register_learned_agent
 from gfenv.checkpoint import atomic_write
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
-from gfenv.evaluation import FIXED_ENV_KWARGS
+from gfenv.eval.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
 from gfenv.sb3 import to_sb3
 
@@ -169,7 +169,7 @@ def sb3_kwargs(name: str, hyperparams: Mapping[str, Any], env: GlanceFocusVector
     kwargs = {k: _schedule(v) for k, v in hyperparams.items()}
     zoo_only = sorted({"n_envs", "n_timesteps", "env_kwargs"} & set(kwargs))
     if zoo_only:
-        raise ValueError(f"{', '.join(zoo_only)} belong to the trainer (agents.training), not to {name}'s kwargs.")
+        raise ValueError(f"{', '.join(zoo_only)} belong to the trainer (gfenv.train.stage2), not to {name}'s kwargs.")
     valid = set(inspect.signature(spec.algo.__init__).parameters) - {"self", "env", "seed", "device", "verbose",
                                                                        "tensorboard_log", "_init_setup_model"}
     unknown = sorted(set(kwargs) - valid)

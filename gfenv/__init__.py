@@ -2,7 +2,7 @@
 
 ``import gfenv`` registers ``gfenv/GlanceFocus-v0``: the cluttered-glyphs task with the shipped stage-1 encoders.
 ``gymnasium.make`` gives the single env, ``gymnasium.make_vec`` the batched torch env. It also registers the tasks
-of ``gfenv.variants``, which need a local dataset (``data_root``) and a stage-1 checkpoint:
+of ``gfenv.task``, which need a local dataset (``data_root``) and a stage-1 checkpoint:
 ``gfenv/ClutteredMNIST60-v0``, ``gfenv/ClutteredMNIST100-v0``, ``gfenv/CIFAR10Canvas128-v0`` and
 ``gfenv/ImageNetResNet50P96-v0``.
 """
@@ -13,7 +13,7 @@ import gymnasium
 
 from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
 from gfenv.rewards import REWARDS, register_reward
-from gfenv.variants import VARIANTS, register_variants
+from gfenv.task import VARIANTS, register_variants
 
 __all__ = ["REWARDS", "VARIANTS", "GlanceFocusEnv", "GlanceFocusVectorEnv", "register_reward"]
 __version__ = "0.1.0"

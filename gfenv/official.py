@@ -25,7 +25,7 @@ from gfenv.backbones import TorchvisionBackbone, _trunk, _upgrade_legacy_keys
 from gfenv.checkpoint import CheckpointError
 from gfenv.data import ImageSource, make_source
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.evaluation import run_episodes
+from gfenv.eval.evaluation import run_episodes
 from gfenv.flops import model_macs
 from gfenv.models import GFNetModel, ModelConfig
 

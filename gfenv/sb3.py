@@ -31,7 +31,7 @@ def to_sb3(env: VectorEnv | None = None, *, monitor: bool = True, **make_kwargs:
 
     ``env`` is a ``GlanceFocusVectorEnv`` or a gymnasium ``VectorWrapper`` chain around one (``env.unwrapped``):
     SB3 steps the outermost wrapper, so its rewards, observations and spaces are the wrapper's (e.g.
-    ``gymnasium.wrappers.vector.TransformReward`` or ``gfenv.stage3.Stage3Wrapper``), while attributes and methods
+    ``gymnasium.wrappers.vector.TransformReward`` or ``gfenv.train.stage3.Stage3Wrapper``), while attributes and methods
     such as ``action_masks``, ``cell_confidences`` or ``steps`` are looked up through the chain, outermost first.
 
     SB3 expects a finished slot to be reset within the same step, so the adapter needs ``AutoresetMode.SAME_STEP``.

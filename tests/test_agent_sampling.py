@@ -9,7 +9,7 @@ import torch
 
 from agents import make_agent
 from gfenv import GlanceFocusVectorEnv
-from gfenv.stage3 import sampling_act
+from gfenv.train.stage3 import sampling_act
 
 PPO_TINY = {"n_steps": 8, "batch_size": 32, "n_epochs": 1}
 CASES = [("maskable_ppo", "grid"), ("ppo", "continuous"), ("gfnet_ppo", "grid"), ("gfnet_ppo", "continuous")]

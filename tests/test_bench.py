@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from gfenv import bench
+from gfenv import bench as bench_lib
+from gfenv.cli import bench
 
 
 def test_bench_cli_writes_every_measure_and_ratio(tmp_path, capsys):
@@ -39,4 +40,4 @@ def test_bench_refuses_bad_arguments(capsys):
         bench.main(["--cycles", "0"])
     assert "must be at least 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--device cuda"):
-        bench.bench_memory(bench.torch.device("cpu"))
+        bench_lib.bench_memory(bench_lib.torch.device("cpu"))

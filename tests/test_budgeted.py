@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gfenv.budgeted import PS, budgeted_curve, exit_distribution, exit_steps, fit_thresholds
+from gfenv.eval.budgeted import PS, budgeted_curve, exit_distribution, exit_steps, fit_thresholds
 
 # 10 training images, 3 steps. Step 1: decreasing confidence. Step 2: the three most confident images are the ones
 # that already exited at step 1, so a fit that forgot to drop them would pick 0.97 instead of 0.6.

@@ -115,7 +115,7 @@ def test_one_torchrun_process_trains_the_same_weights_as_a_plain_run(tmp_path, m
     import torch.distributed
 
     from gfenv.checkpoint import load_checkpoint
-    from gfenv.training import Stage1Config, train_stage1
+    from gfenv.train.stage1 import Stage1Config, train_stage1
 
     plain = train_stage1(Stage1Config(**STAGE1), tmp_path / "plain", progress=False)
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -128,7 +128,7 @@ def test_one_torchrun_process_trains_the_same_weights_as_a_plain_run(tmp_path, m
 
 
 def test_helpers_without_torchrun_are_no_ops(monkeypatch):
-    from gfenv import distributed as dist
+    from gfenv.train import distributed as dist
 
     for name in dist.TORCHRUN_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -151,11 +151,11 @@ def test_helpers_without_torchrun_are_no_ops(monkeypatch):
 
 
 def _worker(out: Path) -> None:
-    import gfenv.stage3 as stage3
-    import gfenv.training as training
+    import gfenv.train.stage1 as training
+    import gfenv.train.stage3 as stage3
     from agents import make_agent
-    from gfenv import distributed as dist
     from gfenv.checkpoint import load_checkpoint
+    from gfenv.train import distributed as dist
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])

@@ -16,11 +16,11 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
-import evaluate_agent
 from agents import Agent, make_agent
+from gfenv.cli import evaluate as evaluate_agent
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.evaluation import evaluate, format_table
-from gfenv.leaderboard import budgeted_rows, markdown_report
+from gfenv.eval.evaluation import evaluate, format_table
+from gfenv.eval.leaderboard import budgeted_rows, markdown_report
 
 ARGS = ["--agents", "random,center,oracle", "--episodes", "20", "--num-envs", "8", "--seed", "3", "--no-progress"]
 
@@ -140,7 +140,7 @@ def bench(tmp_path_factory) -> tuple[Path, dict, list]:
         return {"accuracy": 88.0, "macs": 25_000_000, "episodes": episodes}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "gfenv.static", fake_module("gfenv.static", evaluate_static=evaluate_static))
+        mp.setitem(sys.modules, "gfenv.train.static", fake_module("gfenv.train.static", evaluate_static=evaluate_static))
         assert evaluate_agent.main([*BENCH, "--static", "static.pt", "--json", str(out / "bench.json"),
                                     "--markdown", str(out / "bench.md"), "--plots", str(out / "plots"),
                                     "--pictures", str(out / "patches.png"), "--picture-images", "2"]) == 0
@@ -262,7 +262,7 @@ def test_leaderboard_has_a_row_per_agent_and_env_and_skips_what_is_missing(tmp_p
             raise ValueError("made for another task")
         return {"accuracy": 88.0, "macs": 25_000_000, "episodes": episodes}
 
-    monkeypatch.setitem(sys.modules, "gfenv.static", fake_module("gfenv.static", evaluate_static=evaluate_static))
+    monkeypatch.setitem(sys.modules, "gfenv.train.static", fake_module("gfenv.train.static", evaluate_static=evaluate_static))
     envs = ",".join(["gfenv/GlanceFocus-v0", *extra_envs])
     md = tmp_path / "board.md"
     assert evaluate_agent.main(["--leaderboard", "--envs", envs, "--agents", f"center,mine={tmp_path}/run_s{{seed}}",

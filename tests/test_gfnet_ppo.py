@@ -14,7 +14,7 @@ from agents import LearnedAgent, make_agent
 from agents.gfnet_ppo import GFNetPPOAgent, discounted_returns, normalise
 from gfenv.checkpoint import CheckpointError
 from gfenv.env import DEFAULT_CHECKPOINT, GlanceFocusVectorEnv
-from gfenv.evaluation import evaluate
+from gfenv.eval.evaluation import evaluate
 
 N = 8
 MODES = ("continuous", "grid")

@@ -50,7 +50,7 @@ def test_cuda_and_cpu_envs_agree_on_the_same_images():
 
 def test_stage1_trains_on_cuda_with_every_memory_option(tmp_path):
     from gfenv.checkpoint import load_model
-    from gfenv.training import Stage1Config, train_stage1
+    from gfenv.train.stage1 import Stage1Config, train_stage1
 
     cfg = Stage1Config(device="cuda", epochs=0.01, batch_size=64, amp="bf16", grad_checkpointing=True,
                        accum_steps=2, channels_last=True)
@@ -71,7 +71,7 @@ def test_ppo_learns_a_few_steps_on_cuda():
 def stage3_memory_options_update(device: str) -> None:
     """One stage-3 update with bf16 autocast, activation checkpointing, 2 micro-batches and channels_last."""
     from agents import make_agent
-    from gfenv.stage3 import Stage3Config, Stage3Wrapper
+    from gfenv.train.stage3 import Stage3Config, Stage3Wrapper
 
     env = GlanceFocusVectorEnv(num_envs=32, sampling="sequential", seed=0, device=device, action="grid")
     before = [p.detach().clone() for p in env.model.parameters()]
@@ -88,7 +88,7 @@ def stage3_memory_options_update(device: str) -> None:
 
 
 def static_reference_trains(device: str, tmp_path) -> None:
-    from gfenv.static import StaticConfig, evaluate_static, train_static
+    from gfenv.train.static import StaticConfig, evaluate_static, train_static
 
     cfg = StaticConfig(device=device, max_iterations=3, batch_size=32, eval_images=64)
     path = train_static(cfg, tmp_path, progress=False)

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from gfenv.checkpoint import CheckpointError
-from gfenv.evaluation import run_episodes
+from gfenv.eval.evaluation import run_episodes
 from gfenv.glimpse import glance
 from gfenv.official import (
     IMAGENET_MEAN,

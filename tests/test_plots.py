@@ -8,8 +8,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from agents import make_agent
-from gfenv.evaluation import render_episodes
-from gfenv.plots import plot_anytime, plot_budgeted, plot_patches
+from gfenv.eval.evaluation import render_episodes
+from gfenv.eval.plots import plot_anytime, plot_budgeted, plot_patches
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

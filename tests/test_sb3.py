@@ -18,7 +18,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 
 from gfenv import GlanceFocusVectorEnv
 from gfenv.sb3 import SB3VecEnv, to_sb3
-from gfenv.stage3 import Stage3Config, Stage3Wrapper
+from gfenv.train.stage3 import Stage3Config, Stage3Wrapper
 
 PPO_KW = {"n_steps": 8, "batch_size": 32, "n_epochs": 1, "device": "cpu"}
 

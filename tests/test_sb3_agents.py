@@ -15,10 +15,10 @@ from stable_baselines3.common.torch_layers import CombinedExtractor
 from agents import AGENTS, SB3_SPECS, SB3Agent, is_learned, load_agent, make_agent
 from agents.features import GlanceFocusExtractor
 from agents.sb3_agents import parse_policy_kwargs, sb3_kwargs
-from agents.training import load_hyperparams
 from gfenv import GlanceFocusVectorEnv
-from gfenv.evaluation import evaluate
+from gfenv.eval.evaluation import evaluate
 from gfenv.flops import count_macs
+from gfenv.train.stage2 import load_hyperparams
 
 PPO_TINY = {"n_steps": 8, "batch_size": 16, "n_epochs": 1}
 TINY = {"ppo": PPO_TINY, "maskable_ppo": PPO_TINY, "recurrent_ppo": PPO_TINY, "a2c": {"n_steps": 8},

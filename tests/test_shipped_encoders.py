@@ -5,7 +5,7 @@ from __future__ import annotations
 from agents import make_agent
 from gfenv.checkpoint import load_model
 from gfenv.env import DEFAULT_CHECKPOINT
-from gfenv.evaluation import evaluate
+from gfenv.eval.evaluation import evaluate
 
 EPISODES = 500
 

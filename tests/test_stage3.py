@@ -13,14 +13,14 @@ import torch
 from gymnasium.vector.vector_env import AutoresetMode
 from stable_baselines3 import PPO
 
-import evaluate_agent
 from agents import make_agent
 from gfenv import GlanceFocusVectorEnv
 from gfenv.checkpoint import load_model
+from gfenv.cli import evaluate as evaluate_agent
 from gfenv.env import DEFAULT_CHECKPOINT
 from gfenv.glimpse import glance
-from gfenv.stage3 import Stage3Config, Stage3Wrapper, finetune, to_sb3
-from gfenv.training import glimpse_loss
+from gfenv.train.common import glimpse_loss
+from gfenv.train.stage3 import Stage3Config, Stage3Wrapper, finetune, to_sb3
 
 SMALL = {"checkpoint": "default", "dataset_kwargs": {"train_size": 64, "test_size": 32}}
 

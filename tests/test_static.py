@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_agent
 from gfenv.checkpoint import CheckpointError, load_checkpoint
+from gfenv.cli import train as train_agent
 from gfenv.data import make_source
 from gfenv.env import DEFAULT_CHECKPOINT, GlanceFocusVectorEnv
 from gfenv.flops import count_macs
-from gfenv.static import (
+from gfenv.train.common import seed_everything
+from gfenv.train.static import (
     StaticClassifier,
     StaticConfig,
     evaluate_static,
@@ -20,7 +21,6 @@ from gfenv.static import (
     static_config,
     train_static,
 )
-from gfenv.training import seed_everything
 
 SMALL = {"canvas": 32, "train_size": 64, "test_size": 32}
 ENV_KWARGS = {"dataset": "glyphs", "dataset_kwargs": SMALL, "checkpoint": "default"}  # the env needs a stage-1 model

@@ -4,17 +4,16 @@ model; evaluation, checkpoints, resume, Ctrl-C, seeding, hyperparameter override
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-import train_agent
 from agents import SB3_SPECS, SB3Agent, load_agent
-from agents.training import PolicyTrainingConfig, resolve_config
 from gfenv import GlanceFocusVectorEnv
+from gfenv.cli import train as train_agent
 from gfenv.sb3 import SB3VecEnv
+from gfenv.train.stage2 import HYPERPARAMS_DIR, PolicyTrainingConfig, resolve_config
 
 QUIET = ["--no-progress", "--eval-freq", "-1", "--checkpoint-freq", "0"]
 PPO_TINY = ["n_steps=8", "batch_size=32", "n_epochs=1"]
@@ -199,10 +198,10 @@ def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
 
 
 def test_main_job_trains_ppo_for_the_budget_of_its_hyperparameter_file():
-    from agents.pipeline import PipelineConfig
+    from gfenv.train.pipeline import PipelineConfig
 
     resolved = resolve_config(PolicyTrainingConfig(agent="ppo", timesteps=PipelineConfig().timesteps))
-    ppo_yml = Path(__file__).resolve().parent.parent / "hyperparams" / "ppo.yml"
+    ppo_yml = HYPERPARAMS_DIR / "ppo.yml"
     expected = yaml.safe_load(ppo_yml.read_text())["gfenv/GlanceFocus-v0"]["n_timesteps"]
     assert resolved["timesteps"] == expected == 100_000
 

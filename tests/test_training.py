@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import train_agent
 from gfenv.checkpoint import load_checkpoint, load_model
+from gfenv.cli import train as train_agent
 from gfenv.env import GlanceFocusVectorEnv
 
 TINY = ["--stage", "1", "--env-kwargs", "train_size=64", "test_size=32", "--hyperparams", "eval_images=32",
@@ -36,7 +36,7 @@ def test_same_seed_same_weights_and_resume_continues(tmp_path):
 
 
 def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
-    import gfenv.training as training
+    import gfenv.train.stage1 as training
 
     calls = {"n": 0}
     real = training.stage1_loss

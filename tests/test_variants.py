@@ -71,7 +71,7 @@ def test_making_a_variant_without_data_names_the_data_root_and_the_training_comm
 
 
 def test_the_printed_training_command_trains_the_registered_task():
-    from train_agent import build_parser, stage1_config
+    from gfenv.cli.train import build_parser, stage1_config
 
     for env_id, kwargs in DOCUMENTED.items():
         command = shlex.split(gfenv.VARIANTS[env_id].stage1_command("/data"))

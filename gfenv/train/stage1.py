@@ -5,30 +5,34 @@ cosine schedule by default (AdamW optional), autocast on GPU, activation checkpo
 TensorBoard scalars, atomic checkpoints, ``resume`` and a checkpoint on Ctrl-C.
 
 Under ``torchrun --nproc_per_node=N`` the encoders and classifier train with DistributedDataParallel (see
-``gfenv.distributed``): every process reads its share of each global batch, gradients are averaged over the
+``gfenv.train.distributed``): every process reads its share of each global batch, gradients are averaged over the
 processes, and rank 0 alone prints, logs and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from gfenv import distributed as dist
-from gfenv.checkpoint import load_checkpoint, save_checkpoint
+from gfenv.checkpoint import save_checkpoint
 from gfenv.data import ImageSource, make_source
-from gfenv.glimpse import check_patch_size, crop, glance, location_to_corner
+from gfenv.glimpse import check_patch_size, location_to_corner
 from gfenv.models import GFNetModel, ModelConfig
+from gfenv.train import distributed as dist
+from gfenv.train.common import (
+    EpochOrder,
+    autocast_dtype,
+    data_parallel_loss,
+    glimpse_loss,
+    load_training_state,
+    make_optimizer,
+    seed_everything,
+)
 
 
 @dataclass
@@ -92,49 +96,6 @@ class Stage1Config:
                            steps=self.steps, backbone=self.backbone, classifier=self.classifier, hidden=self.hidden,
                            glance_mode=self.glance_mode)
 
-    @staticmethod
-    def low_memory(cfg: Stage1Config) -> Stage1Config:
-        """The smallest footprint one flag away: bf16 autocast, activation checkpointing, 4 micro-batches."""
-        cfg.amp = "bf16" if cfg.amp in ("auto", "none") else cfg.amp
-        cfg.grad_checkpointing = True
-        cfg.accum_steps = max(cfg.accum_steps, 4)
-        return cfg
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class EpochOrder:
-    """Which items of a split each training iteration takes: every epoch a shuffle seeded by (seed, epoch) alone, so a
-    resumed run (at any iteration) takes the same batches as an uninterrupted one."""
-
-    def __init__(self, size: int, batch_size: int, iters_per_epoch: int, seed: int, device: torch.device):
-        self.size, self.batch_size, self.iters_per_epoch = size, batch_size, iters_per_epoch
-        self.seed, self.device = seed, device
-        self._epoch, self._perm = None, None
-
-    def batch(self, iteration: int) -> torch.Tensor:
-        """The item indices of ``iteration`` (0-based, counted over all epochs)."""
-        epoch, pos = divmod(iteration, self.iters_per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.size, generator=gen, device=self.device), epoch
-        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def _encode(encoder: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    if use_checkpoint and torch.is_grad_enabled():
-        return activation_checkpoint(lambda inp: encoder(inp)[0], x, use_reentrant=False)
-    return encoder(x)[0]
 
 
 def stage1_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
@@ -154,61 +115,6 @@ def stage1_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, g
     return loss_fn(images, labels, corners, dsn_ratio, grad_checkpointing)
 
 
-def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor,
-                 dsn_ratio: float = 1.0, grad_checkpointing: bool = False,
-                 taken: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """GFNet's loss on the glance and the focus patches with top-left ``corners`` (B, T-1, 2), in order.
-
-    Stage 1 draws the corners at random, stage 3 takes the policy's. ``taken`` (B, T-1) bool leaves out the patches
-    an episode never took (after an early stop); the loss is the mean over the glimpses taken. Returns (loss,
-    per-step correct counts (T,)).
-    """
-    cfg = model.config
-    b, n_focus, p = images.shape[0], corners.shape[1], cfg.patch_size
-    g = glance(images, p, cfg.glance_mode)
-    feats = [_encode(model.glance_encoder, g, grad_checkpointing)]  # (B, D)
-    if n_focus > 0:
-        rep = images.repeat_interleave(n_focus, dim=0) if b > 0 else images
-        patches = crop(rep, corners.reshape(-1, 2), p)  # (B*(T-1), C, P, P)
-        f = _encode(model.focus_encoder, patches, grad_checkpointing).reshape(b, n_focus, -1)
-        feats += list(f.unbind(1))
-    weight = torch.ones(b, n_focus + 1, device=images.device)  # (B, T)
-    if taken is not None:
-        weight[:, 1:] = taken.float()
-    state = model.classifier.init_state(b, device=images.device, dtype=feats[0].dtype)
-    loss = images.new_zeros(())
-    correct = []
-    for t, ft in enumerate(feats):
-        logits, state = model.classifier.step(ft, state, t)
-        ce = F.cross_entropy(logits.float(), labels, reduction="none")
-        ce = ce + dsn_ratio * F.cross_entropy(model.head(t)(ft).float(), labels, reduction="none")  # (B,)
-        loss = loss + (ce * weight[:, t]).sum()
-        correct.append(((logits.argmax(1) == labels) & (weight[:, t] > 0)).sum())
-    return loss / weight.sum().clamp(min=1.0), torch.stack(correct)
-
-
-class GlimpseLoss(nn.Module):
-    """``glimpse_loss`` of ``model`` as a module's forward, for DistributedDataParallel (which averages the
-    gradients of the passes through its own forward only)."""
-
-    def __init__(self, model: GFNetModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor, dsn_ratio: float = 1.0,
-                grad_checkpointing: bool = False, taken: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return glimpse_loss(self.model, images, labels, corners, dsn_ratio, grad_checkpointing, taken)
-
-
-def data_parallel_loss(model: GFNetModel, device: torch.device) -> nn.Module:
-    """``GlimpseLoss(model)``, wrapped in DistributedDataParallel inside a process group.
-
-    With T = 1 the focus encoder and its head take no part in the loss, which DDP must be told about.
-    """
-    return dist.wrap(GlimpseLoss(model), device, find_unused_parameters=model.config.steps < 2)
-
-
 def _param_groups(model: GFNetModel, cfg: Stage1Config) -> list[dict]:
     enc = list(model.glance_encoder.parameters()) + list(model.focus_encoder.parameters())
     rest = (list(model.classifier.parameters()) + list(model.glance_head.parameters())
@@ -216,29 +122,6 @@ def _param_groups(model: GFNetModel, cfg: Stage1Config) -> list[dict]:
     return [{"params": enc, "lr": cfg.backbone_lr}, {"params": rest, "lr": cfg.classifier_lr}]
 
 
-def _make_optimizer(model: GFNetModel, cfg: Stage1Config) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.backbone_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.backbone_lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; choose 'sgd' or 'adamw'.")
-
-
-def load_training_state(last: Path, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer,
-                        sched: torch.optim.lr_scheduler.LRScheduler, check: Callable[[dict], None] | None = None,
-                        ) -> dict:
-    """``--resume``: the training state saved in ``last`` (``check`` may refuse it) loaded into the model, optimiser
-    and schedule; returns the whole state (``iteration``, generators, ...)."""
-    if not last.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume.")
-    state = load_checkpoint(last, map_location=device)
-    if check is not None:
-        check(state)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return state
 
 
 @torch.no_grad()
@@ -287,7 +170,7 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
     model = GFNetModel(cfg.model_config(train.num_classes, c)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = _make_optimizer(model, cfg)
+    opt = make_optimizer(cfg.optimizer, _param_groups(model, cfg), cfg.backbone_lr, cfg.weight_decay)
     iters_per_epoch = math.ceil(len(train) / cfg.batch_size)
     if 0 < len(train) % cfg.batch_size < world:
         iters_per_epoch -= 1  # an epoch's last, short batch would leave a process without images: skip it

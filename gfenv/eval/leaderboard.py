@@ -1,7 +1,7 @@
 """Leaderboard tables of a benchmark: rl-baselines3-zoo's benchmark table (algo, env_id, mean, std, ...) extended
 with seeds, the oracle-normalised score and multiply-adds, plus per-step and budgeted tables (Markdown and text).
 
-Inputs are ``gfenv.evaluation.benchmark`` results (per agent label, mean and std over seeds).
+Inputs are ``gfenv.eval.evaluation.benchmark`` results (per agent label, mean and std over seeds).
 """
 
 from __future__ import annotations

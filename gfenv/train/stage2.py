@@ -22,9 +22,9 @@ from agents.learned import LearnedAgent, is_learned, learned_agent_class, learne
 from gfenv import ENV_ID
 from gfenv.cache import cover_episodes
 from gfenv.env import GlanceFocusVectorEnv, resolve_checkpoint
-from gfenv.evaluation import run_episodes
+from gfenv.eval.evaluation import run_episodes
 
-HYPERPARAMS_DIR = Path(__file__).resolve().parent.parent / "hyperparams"
+HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 TRAINER_KEYS = ("n_envs", "n_timesteps", "env_kwargs")
 DEFAULT_AGENT = "ppo"
 DEFAULT_NUM_ENVS = 64
@@ -142,7 +142,7 @@ def choose_run_dir(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike | None,
 # ------------------------------------------------------------------------------------------------------ callbacks
 class EvalOnTestSplit:
     """Every ``eval_freq`` timesteps: accuracy per glimpse on the first ``episodes`` test images (deterministic
-    actions, ``gfenv.evaluation.run_episodes``); logs ``eval/*`` to TensorBoard, appends to ``evaluations.jsonl``
+    actions, ``gfenv.eval.evaluation.run_episodes``); logs ``eval/*`` to TensorBoard, appends to ``evaluations.jsonl``
     and saves ``best_model`` when the score (mean accuracy after the focus steps, t = 2..T) improves."""
 
     def __init__(self, run_dir: Path, suffix: str, env_kwargs: dict[str, Any], eval_freq: int, episodes: int,

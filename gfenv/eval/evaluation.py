@@ -1,7 +1,7 @@
 """Benchmark agents on a task's test split: accuracy and multiply-adds after each glimpse, on the same images.
 
 ``evaluate`` runs agents once (one seed, one split); ``benchmark`` runs them over seeds, adds the budgeted batch
-classification curve (``gfenv.budgeted``, thresholds fitted on the train split) and the mean and std over seeds.
+classification curve (``gfenv.eval.budgeted``, thresholds fitted on the train split) and the mean and std over seeds.
 Agents are duck-typed (``AgentLike``), so gfenv needs nothing from the ``agents`` package.
 """
 
@@ -16,9 +16,9 @@ import torch
 from gymnasium.vector.vector_env import AutoresetMode
 from tqdm.auto import tqdm
 
-from gfenv.budgeted import budgeted_curve
 from gfenv.cache import cover_episodes
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
+from gfenv.eval.budgeted import budgeted_curve
 
 FIXED_ENV_KWARGS = ("split", "sampling", "num_envs", "device", "autoreset_mode")
 DEFAULT_ACTION = inspect.signature(GlanceFocusVectorEnv).parameters["action"].default
@@ -186,7 +186,7 @@ def benchmark(make_agents: Callable[[int], dict[str, AgentLike]], env_kwargs: di
     seeds.
 
     With ``threshold_episodes`` > 0 each agent also plays the first that many train images, which fit the
-    budgeted batch classification thresholds (``gfenv.budgeted.budgeted_curve``; cost: each image's own cumulative
+    budgeted batch classification thresholds (``gfenv.eval.budgeted.budgeted_curve``; cost: each image's own cumulative
     MACs at its exit step). ``score_fn(results)`` gives per-step scores per label (e.g. the oracle-normalised score).
     Returns ``summarise_seeds`` of the per-seed results.
     """

@@ -3,7 +3,7 @@
 ``Stage3Wrapper`` sits around a ``GlanceFocusVectorEnv`` under any agent; ``finetune`` runs a fixed agent on the train
 split and saves the result as a model checkpoint that the env loads with ``checkpoint=PATH``.
 
-Under ``torchrun --nproc_per_node=N`` (``gfenv.distributed``) the fine-tuning is data-parallel: each process runs
+Under ``torchrun --nproc_per_node=N`` (``gfenv.train.distributed``) the fine-tuning is data-parallel: each process runs
 its own env slots on its own seed with its own copy of the (fixed) policy, the gradient steps on the episodes
 collected are averaged over the processes by DistributedDataParallel, and rank 0 alone writes the checkpoint.
 """
@@ -24,11 +24,11 @@ from gymnasium.vector import VectorWrapper
 from gymnasium.vector.vector_env import AutoresetMode
 from torch import nn
 
-from gfenv import distributed as dist
 from gfenv.checkpoint import save_model
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.evaluation import AgentLike
-from gfenv.training import autocast_dtype, data_parallel_loss
+from gfenv.eval.evaluation import AgentLike
+from gfenv.train import distributed as dist
+from gfenv.train.common import OPTIMIZERS, autocast_dtype, data_parallel_loss, make_optimizer
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -90,17 +90,13 @@ class Stage3Config:
         if self.mode not in MODES:
             raise ValueError(f"Unknown stage-3 mode {self.mode!r}; choose one of {MODES}.")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
+            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
         if not (self.train_classifier or self.train_focus or self.train_glance):
             raise ValueError("Stage 3 has nothing to train: set train_classifier, train_focus or train_glance.")
         if self.update_every < 1 or self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:
             raise ValueError("update_every, batch_size, epochs and accum_steps must be at least 1.")
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], Stage3Config], torch.optim.Optimizer]] = {
-    "sgd": lambda groups, cfg: torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay),
-    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, weight_decay=cfg.weight_decay),
-}
 
 
 class Stage3Wrapper(VectorWrapper):
@@ -110,7 +106,7 @@ class Stage3Wrapper(VectorWrapper):
     (``agent.act(obs, wrapper)``; attributes such as ``t``, ``visited`` or ``action_masks`` are forwarded) or SB3
     (through ``to_sb3(wrapper)`` below) runs on it. When an episode ends the wrapper keeps its image, label and
     focus-patch corners (``env.history``). Once ``update_every`` episodes are kept it trains ``trainable_model``, a
-    copy of the env's model, with GFNet's stage-3 loss (``gfenv.training.glimpse_loss`` at the policy's corners) and
+    copy of the env's model, with GFNet's stage-3 loss (``gfenv.train.stage1.glimpse_loss`` at the policy's corners) and
     copies the weights into ``env.model`` (which stays in eval mode, without gradients). ``wrapper.model`` is the
     env's model, as for the bare env.
 
@@ -125,7 +121,7 @@ class Stage3Wrapper(VectorWrapper):
     Memory: the kept episodes hold their images on the env's device until the update (``update_every`` x C x H x W
     floats).
 
-    Inside a torchrun process group (``gfenv.distributed.setup``) ``trainable_model`` trains under
+    Inside a torchrun process group (``gfenv.train.distributed.setup``) ``trainable_model`` trains under
     DistributedDataParallel: every process runs its own wrapper and env, ``update_every`` and ``batch_size`` are
     split over the processes, every update averages the gradients over them (so each process must collect the
     same number of episodes per update), and ``save`` writes on rank 0 only.
@@ -143,7 +139,7 @@ class Stage3Wrapper(VectorWrapper):
         if self.config.channels_last:
             self.trainable_model = self.trainable_model.to(memory_format=torch.channels_last)
         groups = self._trainable_groups()
-        self.optimizer = OPTIMIZERS[self.config.optimizer](groups, self.config)
+        self.optimizer = make_optimizer(self.config.optimizer, groups, self.config.classifier_lr, self.config.weight_decay)
         self._loss = data_parallel_loss(self.trainable_model, base.device)  # DDP in a process group
         self._update_every = dist.per_rank(self.config.update_every)
         self._batch_size = dist.per_rank(self.config.batch_size)
@@ -364,13 +360,13 @@ def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episode
 
     Under torchrun (it joins the process group unless already in one) ``episodes`` and ``num_envs`` are totals over
     the processes: each runs num_envs / N slots seeded by ``dist.rank_seed(seed)`` until it has episodes / N
-    episodes, with its own copy of ``agent`` on its own device (``gfenv.distributed.local_device``); rank 0 alone
+    episodes, with its own copy of ``agent`` on its own device (``gfenv.train.distributed.local_device``); rank 0 alone
     shows progress and writes ``path``.
     """
     config = config or Stage3Config()
     if config.mode != "frozen":
         raise ValueError("finetune() runs a fixed policy (mode='frozen'); for mode='joint' train the agent on "
-                         "Stage3Wrapper(env) itself, e.g. SB3 learn() on gfenv.stage3.to_sb3(wrapper).")
+                         "Stage3Wrapper(env) itself, e.g. SB3 learn() on gfenv.train.stage3.to_sb3(wrapper).")
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
     kwargs = {**(env_kwargs or {}), **getattr(agent, "env_kwargs", {})}

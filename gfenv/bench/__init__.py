@@ -27,15 +27,11 @@ several memory settings.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +41,6 @@ from gymnasium.vector.vector_env import AutoresetMode
 from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
 from gfenv.glimpse import crop, glance
 from gfenv.models import encode
-from gfenv.utils import keep_freed_memory
 
 KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo", "batched_stored")
 SLOW = ("per_env", "sb3_ppo")  # timed in the first cycle only, as one block
@@ -154,7 +149,7 @@ def stored_source(env: GlanceFocusVectorEnv, images: int):
 def sb3_ppo_workload(num_envs: int, device: str, rollouts: int) -> Workload:
     """PPO collect + train (hyperparams/ppo.yml for the default task) through the SB3 adapter."""
     from agents.sb3_agents import build_sb3_agent
-    from agents.training import load_hyperparams
+    from gfenv.train.stage2 import load_hyperparams
 
     hp = load_hyperparams("ppo")
     env_kwargs = hp.pop("env_kwargs", {})
@@ -212,7 +207,8 @@ def bench_memory(device: torch.device, batch_size: int = 256, image_size: int = 
                  settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Peak GPU memory (GiB) of stage-1 training steps (forward, backward, SGD step) per memory setting."""
     from gfenv.models import GFNetModel, ModelConfig
-    from gfenv.training import autocast_dtype, stage1_loss
+    from gfenv.train.common import autocast_dtype
+    from gfenv.train.stage1 import stage1_loss
 
     if device.type != "cuda":
         raise ValueError("--memory measures CUDA memory: run it with --device cuda.")
@@ -326,42 +322,3 @@ def format_report(report: dict[str, Any]) -> str:
         for name, s in m["settings"].items():
             lines.append(f"  {name:<20}{s['peak_gib']:>14.2f}  GiB  ({s['seconds_per_iteration']:.3f} s/iteration)")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gfenv.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--num-envs", type=int, default=256, help="slots of the batched env (and single envs of per_env)")
-    p.add_argument("--repeats", type=int, default=15, help="timed runs per measure and cycle (medians are reported)")
-    p.add_argument("--episodes", type=int, default=1, help="episodes per timed run of batched and floor")
-    p.add_argument("--cycles", type=int, default=3, help="rounds of all measures (per_env, sb3_ppo: the first only)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--cache-images", type=int, default=1024, help="images in the cached mode's feature cache")
-    p.add_argument("--skip", default="", help=f"comma-separated measures to leave out ({', '.join(KEYS)})")
-    p.add_argument("--memory", action="store_true", help="CUDA: peak memory of GFNet's ImageNet stage-1 settings")
-    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the batched steps")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
-    args = p.parse_args(argv)
-    keep_freed_memory()  # as the project's scripts do (gfenv.utils): no page faults on big per-step tensors
-    skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
-    unknown = sorted(set(skip) - set(KEYS))
-    if unknown:
-        p.error(f"Unknown measure(s) {unknown} in --skip; valid: {', '.join(KEYS)}.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False).")
-    if min(args.num_envs, args.repeats, args.episodes, args.cycles) < 1:
-        p.error("--num-envs, --repeats, --episodes and --cycles must be at least 1.")
-    report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cycles, args.cache_images,
-                 skip,
-                 args.memory, args.profile, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_report(report))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

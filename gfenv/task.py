@@ -259,6 +259,6 @@ def register_variants() -> None:
 
     for env_id, stem in ENTRY_POINTS.items():
         if env_id not in gymnasium.registry:
-            gymnasium.register(env_id, entry_point=f"gfenv.variants:{stem}Env",
-                               vector_entry_point=f"gfenv.variants:{stem}VectorEnv",
+            gymnasium.register(env_id, entry_point=f"gfenv.task:{stem}Env",
+                               vector_entry_point=f"gfenv.task:{stem}VectorEnv",
                                kwargs=copy.deepcopy(VARIANTS[env_id].kwargs))

@@ -1,7 +1,7 @@
 """PNG figures of a benchmark (matplotlib, Agg backend): anytime accuracy vs MACs, budgeted batch classification
 curves, and a grid of test images with each agent's focus patches drawn in order.
 
-Each function takes the JSON-ready results of ``gfenv.evaluation.benchmark`` and writes one file.
+Each function takes the JSON-ready results of ``gfenv.eval.evaluation.benchmark`` and writes one file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from gfenv.leaderboard import STATIC_LABEL
+from gfenv.eval.leaderboard import STATIC_LABEL
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:

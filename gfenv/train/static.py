@@ -2,7 +2,7 @@
 
 GFNet claims to match a static network's accuracy at a fraction of its multiply-adds. This module trains that
 network on the same task (same data source, same backbone as the stage-1 checkpoint, from scratch, no augmentation)
-and evaluates it on the same test images that ``gfenv.evaluation.evaluate`` gives the agents (the first N of the
+and evaluates it on the same test images that ``gfenv.eval.evaluation.evaluate`` gives the agents (the first N of the
 split, in order), so a report can put both side by side:
 
     python train_agent.py --stage static --env-kwargs dataset=glyphs --run-dir runs/static/glyphs
@@ -27,10 +27,10 @@ from torch import nn
 from gfenv.checkpoint import CheckpointError, _load_state_strict, load_checkpoint, save_checkpoint
 from gfenv.data import ImageSource, make_source
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.evaluation import FIXED_ENV_KWARGS
+from gfenv.eval.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
 from gfenv.models import build_encoder
-from gfenv.training import EpochOrder, autocast_dtype, load_training_state, seed_everything
+from gfenv.train.common import EpochOrder, autocast_dtype, load_training_state, make_optimizer, seed_everything
 
 STATIC_FORMAT = "gfenv-static-v1"
 
@@ -142,15 +142,6 @@ def static_config(env_kwargs: dict[str, Any], hyperparams: dict[str, Any] | None
         if value is not None:
             setattr(cfg, key, value)
     return cfg
-
-
-def _make_optimizer(model: nn.Module, cfg: StaticConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; choose 'sgd' or 'adamw'.")
 
 
 def _lr_factor(i: int, total: int, warmup: int) -> float:
@@ -265,7 +256,7 @@ def check_task(model: StaticClassifier, source: ImageSource, where: str, env_kwa
 def evaluate_static(checkpoint: str | os.PathLike | StaticClassifier, env_kwargs: dict[str, Any], episodes: int,
                     device: str | torch.device = "cpu", split: str = "test") -> dict[str, Any]:
     """Accuracy (percent) of a static reference on the first ``episodes`` images of ``split``, in order: the images
-    ``gfenv.evaluation.evaluate`` gives the agents with the same env kwargs. Returns ``{"accuracy", "macs"}`` (MACs
+    ``gfenv.eval.evaluation.evaluate`` gives the agents with the same env kwargs. Returns ``{"accuracy", "macs"}`` (MACs
     per image of one full-resolution forward pass) plus ``episodes``."""
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
@@ -297,7 +288,7 @@ def train_static(cfg: StaticConfig, run_dir: str | Path, resume: bool = False, p
     model = StaticClassifier(train.num_classes, train.image_shape, cfg.backbone, cfg.backbone_kwargs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = _make_optimizer(model, cfg)
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     iters_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, int(cfg.epochs * iters_per_epoch))
     if cfg.max_iterations > 0:

@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 
 from agents.base import make_agent
-from agents.training import PolicyTrainingConfig, train_policy
-from gfenv.evaluation import evaluate, format_table
-from gfenv.stage3 import Stage3Config, finetune
+from gfenv.eval.evaluation import evaluate, format_table
+from gfenv.train.stage2 import PolicyTrainingConfig, train_policy
+from gfenv.train.stage3 import Stage3Config, finetune
 
 BASELINES = ("random", "center", "oracle")
 

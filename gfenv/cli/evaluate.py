@@ -1,0 +1,344 @@
+"""Benchmark agents on a gfenv task: anytime accuracy and multiply-adds after each glimpse, budgeted batch
+classification, the oracle-normalised score, mean ± std over seeds; tables, JSON, a Markdown leaderboard and plots.
+
+    python evaluate_agent.py --agents random,center,raster,oracle --episodes 1000 --json runs/eval/baselines.json
+    python evaluate_agent.py --agents random,oracle,ppo=runs/seeds/ppo_s{seed} --seeds 0,1,2 \\
+        --markdown runs/leaderboard/default.md --plots runs/leaderboard --pictures runs/leaderboard/patches.png
+    python evaluate_agent.py --leaderboard --agents random,center,oracle --seeds 0,1,2 --markdown runs/board.md
+
+Agents: registered names (baselines get each seed) or LABEL=RUN_DIR for a trained stage-2 run; RUN_DIR may hold
+{seed} (each seed's own run) and {env} (the env id's name, e.g. GlanceFocus-v0). The oracle-normalised score
+100 (agent - random) / (oracle - random) appears when random and oracle are both among the agents (the default
+set has them; --leaderboard always adds them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import yaml
+
+from agents import AGENTS, load_agent, make_agent
+from agents.learned import run_folder
+from gfenv import ENV_ID
+from gfenv.env import GlanceFocusVectorEnv
+from gfenv.eval.evaluation import benchmark, format_table, render_episodes
+from gfenv.eval.leaderboard import LEGEND, format_budgeted, leaderboard_rows, markdown_leaderboard, markdown_report
+from gfenv.train.pipeline import oracle_normalised
+from gfenv.utils import keep_freed_memory, parse_kv
+
+REFERENCES = ("random", "oracle")
+
+
+def gfenv_ids() -> list[str]:
+    return sorted(env_id for env_id in gymnasium.registry if env_id.startswith("gfenv/"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", default="random,center,oracle",
+                   help=f"comma-separated agents: registered names ({', '.join(sorted(AGENTS))}) or "
+                        "LABEL=RUN_DIR for a trained stage-2 run (its best_model, else model); RUN_DIR may hold "
+                        "{seed} and {env}")
+    p.add_argument("--env", default=ENV_ID, help="environment id (its registered kwargs are the defaults)")
+    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V",
+                   help="env settings, e.g. action=grid grid=7 steps=5 dataset=glyphs checkpoint=PATH")
+    p.add_argument("--split", default="test", choices=("test", "train"),
+                   help="images the agents are scored on (the budgeted thresholds are always fitted on train)")
+    p.add_argument("--episodes", type=int, default=1000, help="images per agent and seed (the first N, in order)")
+    p.add_argument("--threshold-episodes", type=int, default=None, metavar="N",
+                   help="train images that fit the budgeted-classification thresholds (default: 2 x --episodes; "
+                        "0: no budgeted evaluation)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (env reset and agents); default 0")
+    seeds.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                       help="several seeds: results are mean ± std over them")
+    p.add_argument("--num-envs", type=int, default=250, help="images evaluated in parallel")
+    p.add_argument("--device", default="cpu", help="torch device of the env and the agents (cpu, cuda, cuda:1)")
+    p.add_argument("--static", default=None, metavar="PATH",
+                   help="a static full-image model (train_agent.py --stage static) shown as a reference point")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="also write a Markdown leaderboard")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write anytime.png and budgeted.png there")
+    p.add_argument("--pictures", default=None, metavar="PATH",
+                   help="a PNG grid of test images (rows) x agents (columns) with each agent's patches")
+    p.add_argument("--picture-images", type=int, default=6, metavar="K", help="images in --pictures")
+    p.add_argument("--leaderboard", action="store_true",
+                   help="run the agents on every env of --envs (default: all registered gfenv ids) and write the "
+                        "leaderboard (--markdown); envs without data or checkpoint are skipped")
+    p.add_argument("--envs", default=None, metavar="ID1,ID2", help="envs of --leaderboard")
+    p.add_argument("--gfnet-checkpoint", default=None, metavar="PATH",
+                   help="print a report on an official GFNet checkpoint (.pth.tar) and exit")
+    p.add_argument("--data-root", default=None, metavar="PATH", help="ImageNet folder for --gfnet-checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_seeds(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[int]:
+    if args.seeds is None:
+        return [0 if args.seed is None else args.seed]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}.")
+    if not seeds:
+        parser.error("--seeds is empty; give e.g. --seeds 0,1,2.")
+    return list(dict.fromkeys(seeds))
+
+
+def parse_agents(text: str, parser: argparse.ArgumentParser) -> dict[str, str | None]:
+    """LABEL -> run-dir template (None for a registered agent), in the order given."""
+    specs: dict[str, str | None] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        label, _, path = item.partition("=")
+        label = label.strip()
+        if label in specs:
+            parser.error(f"Agent label {label!r} is given twice in --agents.")
+        specs[label] = path.strip() if path else None
+    unknown = [name for name, path in specs.items() if path is None and name not in AGENTS]
+    if unknown or not specs:
+        parser.error(f"Unknown agent(s) {', '.join(map(repr, unknown)) or '(none given)'}. "
+                     f"Valid agents: {', '.join(sorted(AGENTS))}.")
+    return specs
+
+
+def run_dir(template: str, seed: int, env_id: str) -> Path:
+    try:
+        return Path(template.format(seed=seed, env=env_id.split("/")[-1]))
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"Run dir {template!r}: only {{seed}} and {{env}} may be filled in ({err}).") from err
+
+
+def trained_runs(specs: dict[str, str | None], seeds: list[int], env_id: str) -> dict[str, dict]:
+    """Per trained label: its run dirs (one per seed), training timesteps and env; FileNotFoundError/ValueError
+    when a run dir is missing or was trained on another env."""
+    runs = {}
+    for label, template in specs.items():
+        if template is None:
+            continue
+        dirs = [run_dir(template, s, env_id) for s in seeds]
+        for seed, path in zip(seeds, dirs):
+            if not path.exists():
+                raise FileNotFoundError(f"Run dir {path} of agent {label!r} (seed {seed}) does not exist; train it "
+                                        f"with python train_agent.py --stage 2 --seed {seed} --run-dir {path}.")
+        config_file = run_folder(dirs[0]) / "config.yml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        trained_env = config.get("env", env_id)
+        if trained_env != env_id:
+            raise ValueError(f"Agent {label!r} ({dirs[0]}) was trained on {trained_env}, not {env_id}.")
+        runs[label] = {"run_dirs": [str(d) for d in dirs], "n_timesteps": config.get("timesteps")}
+    return runs
+
+
+def agent_factory(specs: dict[str, str | None], env_id: str, device: str):
+    """``make_agents(seed)``: baselines built with the seed, trained runs loaded from that seed's run dir."""
+    loaded: dict[Path, Any] = {}
+
+    def make_agents(seed: int) -> dict[str, Any]:
+        agents = {}
+        for label, template in specs.items():
+            if template is None:
+                agents[label] = make_agent(label, seed=seed)
+            else:
+                path = run_dir(template, seed, env_id)
+                if path not in loaded:
+                    loaded[path] = load_agent(path, device=device)
+                agents[label] = loaded[path]
+        return agents
+
+    return make_agents
+
+
+def evaluate_static(path: str, env_kwargs: dict[str, Any], episodes: int, device: str, split: str) -> dict:
+    from gfenv.train.static import evaluate_static as run_static  # optional module, imported only when asked
+
+    result = run_static(path, env_kwargs, episodes, device=device, split=split)
+    return {"checkpoint": str(path), **result}
+
+
+def evaluate_env(args: argparse.Namespace, env_id: str, env_kwargs: dict[str, Any], specs: dict[str, str | None],
+                 seeds: list[int], skipped: list[str] | None = None) -> dict[str, Any]:
+    """The benchmark of one env: every agent over every seed (``gfenv.eval.evaluation.benchmark``), the static point.
+    With ``skipped`` (a list), a static model that does not fit the env is noted there instead of raising."""
+    runs = trained_runs(specs, seeds, env_id)
+    make_agents = agent_factory(specs, env_id, args.device)
+    score_fn = oracle_normalised if all(r in specs for r in REFERENCES) else None
+    threshold_episodes = 2 * args.episodes if args.threshold_episodes is None else args.threshold_episodes
+    results = benchmark(make_agents, env_kwargs, args.episodes, seeds, threshold_episodes, args.num_envs,
+                        args.device, progress=not args.no_progress, score_fn=score_fn, split=args.split)
+    for label, run in runs.items():
+        results[label].update(run)
+    report = {"env": env_id, "env_kwargs": env_kwargs, "split": args.split, "episodes": args.episodes,
+              "seed": seeds[0], "seeds": seeds, "threshold_episodes": threshold_episodes, "agents": results}
+    if args.static:
+        path = run_dir(args.static, seeds[0], env_id).as_posix()
+        try:
+            report["static"] = evaluate_static(path, env_kwargs, args.episodes, args.device, args.split)
+        except (ValueError, FileNotFoundError) as err:
+            if skipped is None:
+                raise
+            skipped.append(f"static {path} on {env_id}: {err}")
+            print(f"skipping static {path} on {env_id}: {err}")
+    if args.pictures:
+        agents = make_agents(seeds[0])
+        report["pictures"] = {label: render_episodes(agent, env_kwargs, args.picture_images, seeds[0], args.device,
+                                                     split=args.split) for label, agent in agents.items()}
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    results = report["agents"]
+    print(format_table(results))
+    parts = next(iter(results.values()))["macs_parts"]
+    print("MACs per image of one call: " + ", ".join(f"{k.replace('_', ' ')} {v / 1e6:.3f} M" for k, v in parts.items()
+                                                      if k != "policy"))
+    policies = {label: r["policy_macs_per_step"] for label, r in results.items() if r["policy_macs_per_step"]}
+    if policies:
+        print("policy MACs per decision: " + ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in policies.items()))
+    if not any("score" in r for r in results.values()):
+        print("(no oracle-normalised score: add random and oracle to --agents)")
+    budgeted = format_budgeted(results)
+    if budgeted:
+        print(budgeted)
+    static = report.get("static")
+    if static:
+        print(f"static reference {static['checkpoint']}: {static['accuracy']:.2f} % at {static['macs'] / 1e6:.2f} M "
+              f"MACs per image")
+
+
+def json_safe(value: Any) -> Any:
+    """The report without NaN/inf (JSON null) and without pictures."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items() if k != "pictures"}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], suffix: str = "") -> None:
+    """Plots and pictures of one env's report (``suffix`` tells envs apart in --leaderboard mode)."""
+    title = f"{report['env']}, {report['episodes']} {report['split']} images, seeds {report['seeds']}"
+    if args.plots or args.pictures:
+        from gfenv.eval.plots import plot_anytime, plot_budgeted, plot_patches  # matplotlib only when asked
+
+        if args.plots:
+            folder = Path(args.plots)
+            plot_anytime(report["agents"], folder / f"anytime{suffix}.png", report.get("static"), title=title)
+            if any(r.get("budgeted") for r in report["agents"].values()):
+                plot_budgeted(report["agents"], folder / f"budgeted{suffix}.png", report.get("static"), title=title)
+        if args.pictures:
+            path = Path(args.pictures)
+            plot_patches(report["pictures"], path.with_name(f"{path.stem}{suffix}{path.suffix or '.png'}"),
+                         title=f"{report['env']}: focus patches in order (seed {report['seeds'][0]})")
+
+
+def write_text(path: str, text: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seeds: list[int], command: str) -> int:
+    envs = [e.strip() for e in args.envs.split(",") if e.strip()] if args.envs else gfenv_ids()
+    unknown = [e for e in envs if e not in gymnasium.registry]
+    if unknown:
+        raise ValueError(f"Unknown env id(s) {', '.join(unknown)}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
+    specs = {**{r: None for r in REFERENCES if r not in specs}, **specs}
+    rows, reports, skipped = [], {}, []
+    for env_id in envs:
+        env_kwargs = {**gymnasium.spec(env_id).kwargs, **parse_kv(args.env_kwargs)}
+        try:
+            GlanceFocusVectorEnv(num_envs=1, split=args.split, **env_kwargs).close()
+        except (FileNotFoundError, ValueError, OSError) as err:
+            skipped.append(f"{env_id}: {err}")
+            print(f"skipping {env_id}: {err}")
+            continue
+        usable = {}
+        for label, template in specs.items():
+            try:
+                trained_runs({label: template}, seeds, env_id)
+                usable[label] = template
+            except (FileNotFoundError, ValueError) as err:
+                skipped.append(f"{label} on {env_id}: {err}")
+                print(f"skipping {label} on {env_id}: {err}")
+        print(f"== {env_id}")
+        report = evaluate_env(args, env_id, env_kwargs, usable, seeds, skipped)
+        print_report(report)
+        write_outputs(args, report, suffix="_" + env_id.split("/")[-1])
+        reports[env_id] = report
+        rows += leaderboard_rows(env_id, report["agents"], report.get("static"))
+    order = list(dict.fromkeys(row["algo"] for row in rows))
+    rows.sort(key=lambda row: (order.index(row["algo"]), row["env_id"]))
+    text = "\n".join(["# gfenv leaderboard", "", f"{args.episodes} {args.split} images per seed, seeds "
+                      f"{', '.join(map(str, seeds))}.", "", "```", command, "```", "", markdown_leaderboard(rows),
+                      "", LEGEND, *(["", "Skipped:", "", *(f"- {s}" for s in skipped)] if skipped else [])]) + "\n"
+    print(text)
+    if args.markdown:
+        write_text(args.markdown, text)
+    if args.json:
+        write_text(args.json, json.dumps(json_safe({"envs": reports, "skipped": skipped}), indent=2) + "\n")
+    return 0
+
+
+def gfnet_checkpoint(args: argparse.Namespace) -> int:
+    try:
+        from gfenv.official import gfnet_checkpoint_report
+
+        print(gfnet_checkpoint_report(args.gfnet_checkpoint, data_root=args.data_root, device=args.device))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    keep_freed_memory()  # no page faults on the env's big per-step tensors (gfenv.utils)
+    if args.gfnet_checkpoint:
+        return gfnet_checkpoint(args)
+    specs = parse_agents(args.agents, parser)
+    seeds = parse_seeds(args, parser)
+    if not args.leaderboard and args.env not in gfenv_ids():
+        parser.error(f"Unknown env id {args.env!r}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
+    if args.episodes < 1 or args.num_envs < 1 or args.picture_images < 1:
+        parser.error("--episodes, --num-envs and --picture-images must be at least 1.")
+    if args.threshold_episodes is not None and args.threshold_episodes < 0:
+        parser.error("--threshold-episodes must be >= 0 (0: no budgeted evaluation).")
+    command = "python evaluate_agent.py " + shlex.join(argv)
+    start = time.time()
+    try:
+        if args.leaderboard:
+            code = run_leaderboard(args, specs, seeds, command)
+            print(f"wall time {time.time() - start:.0f} s")
+            return code
+        env_kwargs = {**gymnasium.spec(args.env).kwargs, **parse_kv(args.env_kwargs)}
+        report = evaluate_env(args, args.env, env_kwargs, specs, seeds)
+        print_report(report)
+        write_outputs(args, report)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        write_text(args.json, json.dumps(json_safe(report), indent=2, default=str) + "\n")
+    if args.markdown:
+        write_text(args.markdown, markdown_report(args.env, report, command))
+    print(f"wall time {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
