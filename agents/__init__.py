@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from agents.base import AGENTS, Agent, check_action_mode, make_agent, register_agent
 from agents.baselines import CenterAgent, OracleAgent, RandomAgent, RasterAgent
-from agents.learned import LearnedAgent, is_learned, learned_agent_class, load_agent
+from agents.learned import LearnedAgent, is_learned, learned_agent_class
 from agents.sb3_agents import SB3_SPECS, SB3Agent
 
 __all__ = ["AGENTS", "SB3_SPECS", "Agent", "CenterAgent", "LearnedAgent", "OracleAgent", "RandomAgent", "RasterAgent",
-           "SB3Agent", "check_action_mode", "is_learned", "learned_agent_class", "load_agent", "make_agent",
+           "SB3Agent", "check_action_mode", "is_learned", "learned_agent_class", "make_agent",
            "register_agent"]
 from agents import gfnet_ppo  # noqa: F401

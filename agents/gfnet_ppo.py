@@ -435,7 +435,7 @@ class GFNetPPOAgent(LearnedAgent):
         """An agent acting with the patch policy of an official GFNet-Pytorch checkpoint (``.pth.tar``).
 
         ``checkpoint`` is its path or what ``gfenv.official.load_gfnet_checkpoint`` returned. The agent acts on
-        envs built with that checkpoint's model (``GFNetCheckpoint.make_env``): observation ``gfnet``, continuous
+        envs built with that checkpoint's model (``gfenv.eval.official.gfnet_env``): observation ``gfnet``, continuous
         actions, ``grid`` only sizes the visited map. ``kwargs`` go to the constructor (``seed``, ``num_envs``).
         """
         from gfenv.official import GFNetCheckpoint, load_gfnet_checkpoint

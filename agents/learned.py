@@ -10,10 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
-
-import yaml
 
 from agents.base import AGENTS, Agent, AgentBuilder, register_agent
 
@@ -90,49 +87,3 @@ def is_learned(name: str) -> bool:
 
 def learned_agent_names() -> list[str]:
     return sorted(n for n in AGENTS if is_learned(n))
-
-
-def is_stage3_checkpoint(path: Path) -> bool:
-    """Whether ``path`` names ``<run>/stage3/<file>.pt`` of a stage-2 run folder."""
-    return path.suffix == ".pt" and path.parent.name == "stage3" and (path.parent.parent / "config.yml").is_file()
-
-
-def run_folder(path: str | os.PathLike) -> Path:
-    """The stage-2 run folder of a run folder, a checkpoint file in one, or its stage-3 checkpoint."""
-    path = Path(path)
-    if is_stage3_checkpoint(path):
-        return path.parent.parent
-    return path if path.is_dir() else path.parent
-
-
-def load_agent(path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> LearnedAgent:
-    """Load a trained agent from a run folder (its ``best_model``, else ``model``, else ``last``) or a file in one.
-
-    The run folder's ``config.yml`` (written by ``train_agent.py --stage 2``) names the agent. A stage-3 checkpoint
-    of a run, ``<run>/stage3/model.pt`` (written by ``train_agent.py --stage 3 --run-dir <run>``), loads the run's
-    agent with that checkpoint as its env's model (``env_kwargs["checkpoint"]``): the policy with its fine-tuned
-    classifier, as ``evaluate_agent.py --agents label=<run>/stage3/model.pt`` takes it.
-    """
-    path = Path(path)
-    if is_stage3_checkpoint(path):
-        if not path.is_file():
-            raise FileNotFoundError(f"No stage-3 checkpoint {path}; write it with python train_agent.py --stage 3 "
-                                    f"--run-dir {path.parent.parent}.")
-        agent = load_agent(path.parent.parent, device=device, **kwargs)
-        agent.env_kwargs = {**agent.env_kwargs, "checkpoint": str(path)}
-        return agent
-    run_dir = path if path.is_dir() else path.parent
-    config_file = run_dir / "config.yml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"No config.yml in {run_dir}: point at a run folder written by train_agent.py "
-                                f"--stage 2 (or use the agent class's load()).")
-    config = yaml.safe_load(config_file.read_text())
-    if path.is_dir():
-        found = [f for f in sorted(run_dir.iterdir()) if f.stem in ("best_model", "model", "last")]
-        if not found:
-            raise FileNotFoundError(f"No best_model, model or last checkpoint in {run_dir}.")
-        path = min(found, key=lambda f: ("best_model", "model", "last").index(f.stem))
-    cls = learned_agent_class(config["agent"])
-    if cls is None or cls is LearnedAgent:
-        raise ValueError(f"Agent {config['agent']!r} of {run_dir} has no registered LearnedAgent class to load it.")
-    return cls.load(path, device=device, **kwargs)

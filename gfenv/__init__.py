@@ -1,26 +1,22 @@
 """gfenv: GFNet (Glance and Focus, NeurIPS 2020) as a batched Gymnasium environment.
 
-``import gfenv`` registers ``gfenv/GlanceFocus-v0``: the cluttered-glyphs task with the shipped stage-1 encoders.
-``gymnasium.make`` gives the single env, ``gymnasium.make_vec`` the batched torch env. It also registers the tasks
-of ``gfenv.task``, which need a local dataset (``data_root``) and a stage-1 checkpoint:
-``gfenv/ClutteredMNIST60-v0``, ``gfenv/ClutteredMNIST100-v0``, ``gfenv/CIFAR10Canvas128-v0`` and
-``gfenv/ImageNetResNet50P96-v0``.
+``import gfenv`` registers the tasks of ``gfenv.task.TASKS`` with gymnasium: ``gfenv/GlanceFocus-v0`` (the quick
+cluttered-glyphs task, stage-1 encoders shipped) and the tasks that read a local dataset (``data_root``) and a
+stage-1 checkpoint trained for them. ``gymnasium.make`` gives the single env, ``gymnasium.make_vec`` the batched
+torch env.
 """
 
 from __future__ import annotations
 
-import gymnasium
-
+from gfenv.data import register_dataset
 from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
 from gfenv.rewards import REWARDS, register_reward
-from gfenv.task import VARIANTS, register_variants
+from gfenv.task import TASKS, Task, register_builtin_tasks, register_task
 
-__all__ = ["REWARDS", "VARIANTS", "GlanceFocusEnv", "GlanceFocusVectorEnv", "register_reward"]
+__all__ = ["REWARDS", "TASKS", "GlanceFocusEnv", "GlanceFocusVectorEnv", "Task", "register_dataset",
+           "register_reward", "register_task"]
 __version__ = "0.1.0"
 
 ENV_ID = "gfenv/GlanceFocus-v0"
 
-if ENV_ID not in gymnasium.registry:
-    gymnasium.register(ENV_ID, entry_point="gfenv.env:GlanceFocusEnv",
-                       vector_entry_point="gfenv.env:GlanceFocusVectorEnv")
-register_variants()
+register_builtin_tasks()

@@ -1,6 +1,8 @@
-"""torchvision backbones for GFNet's encoders, with the same contract as ``SmallCNN``: (pooled, feature map).
+"""GFNet's encoders by name: the registry (``BACKBONES``, ``register_backbone``, ``build_encoder``), the small CNN that
+is fast on a CPU, and torchvision's classifiers as encoders. Every encoder returns (pooled (B, D), feature map).
 
-Models are built by ``torchvision.models.get_model`` without downloads; weights come from a local file or cache.
+torchvision models are built by ``torchvision.models.get_model`` without downloads (torchvision is imported when one
+is built); weights come from a local file or torchvision's cache.
 """
 
 from __future__ import annotations
@@ -11,10 +13,55 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
-from gfenv.models import register_backbone
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    """Decorator: register an encoder builder ``fn(in_channels, weights=None, **kwargs)`` under ``name``; a name
+    already taken by another builder is refused."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if BACKBONES.get(name, fn) is not fn:
+            raise ValueError(f"A backbone named {name!r} is already registered ({BACKBONES[name]!r}).")
+        BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+class SmallCNN(nn.Module):
+    """A 4-stage conv net for small patches: stride 1 first (fine texture survives), then three stride-2 stages."""
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(prev, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            prev = w
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = prev
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.features(x)  # (B, D, h, w)
+        return fmap.mean(dim=(2, 3)), fmap
+
+
+@register_backbone("small_cnn")
+def small_cnn(in_channels: int = 1, weights: str | None = None, **kwargs) -> nn.Module:
+    return SmallCNN(in_channels, **kwargs)
+
+
+def build_encoder(name: str, in_channels: int, weights: str | None = None, **kwargs) -> nn.Module:
+    """An encoder from the backbone registry; ``weights`` is a local file (no downloads)."""
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(sorted(BACKBONES))}.")
+    return BACKBONES[name](in_channels=in_channels, weights=weights, **kwargs)
+
+
 
 TORCHVISION_BACKBONES: tuple[str, ...] = (
     "resnet18",
@@ -64,6 +111,8 @@ class TorchvisionBackbone(nn.Module):
 
 def cached_weights_path(name: str) -> Path:
     """Where torchvision's cache keeps the DEFAULT weights of ``name`` (``torch.hub.get_dir()/checkpoints/``)."""
+    import torchvision
+
     url = torchvision.models.get_model_weights(name).DEFAULT.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
@@ -137,6 +186,8 @@ def build_torchvision_backbone(
         raise ValueError(
             f"Backbone {name!r} takes in_channels=3 (RGB) or 1 (grey, repeated to RGB), got {in_channels}."
         )
+    import torchvision
+
     path = resolve_weights(name, weights)
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if path is not None:

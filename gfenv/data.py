@@ -10,6 +10,8 @@ Real datasets (torchvision, ImageFolder) and the cluttered canvas live in ``gfen
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
 from collections.abc import Callable
 
@@ -17,14 +19,28 @@ import torch
 
 DATASETS: dict[str, Callable[..., ImageSource]] = {}
 SPLITS = ("train", "test")
+BUILTIN_DATASET_MODULES = ("gfenv.datasets",)
+"""Modules whose import registers more datasets; loaded the first time a source is made by name."""
 
 
 def register_dataset(name: str) -> Callable:
+    """Decorator: register an image source builder ``fn(split, device, **settings)`` under ``name``; a name taken by
+    another builder is refused."""
+
     def deco(fn: Callable[..., ImageSource]) -> Callable[..., ImageSource]:
+        if DATASETS.get(name, fn) is not fn:
+            raise ValueError(f"A dataset named {name!r} is already registered ({DATASETS[name]!r}).")
         DATASETS[name] = fn
         return fn
 
     return deco
+
+
+def load_builtin_datasets() -> dict[str, Callable[..., ImageSource]]:
+    """``DATASETS`` with the built-in modules' datasets registered (imported on first use: they pull in torchvision)."""
+    for module in BUILTIN_DATASET_MODULES:
+        importlib.import_module(module)
+    return DATASETS
 
 
 class ImageSource:
@@ -45,14 +61,22 @@ class ImageSource:
 
 def make_source(dataset: str = "glyphs", split: str = "train", device: str | torch.device = "cpu",
                 **kwargs) -> ImageSource:
-    """Build an image source by dataset name (see ``DATASETS``)."""
-    from gfenv import datasets  # noqa: F401  (registers torchvision-backed datasets)
-
+    """Build an image source by dataset name (see ``DATASETS``); ``kwargs`` are the dataset's own settings."""
+    load_builtin_datasets()
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
-    return DATASETS[dataset](split=split, device=torch.device(device), **kwargs)
+    builder = DATASETS[dataset]
+    params = inspect.signature(builder).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            valid = sorted(k for k in params if k not in ("self", "split", "device"))
+            raise ValueError(f"Dataset {dataset!r} does not take {', '.join(unknown)}: its settings are "
+                             f"{', '.join(valid)}, and the env's own arguments are listed in "
+                             f"help(gfenv.GlanceFocusVectorEnv).")
+    return builder(split=split, device=torch.device(device), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,6 +288,4 @@ class GlyphSource(ImageSource):
         return image.view(b, 1, n, n), labels  # (B, 1, H, W), (B,)
 
 
-@register_dataset("glyphs")
-def glyphs(split: str = "train", device: torch.device | str = "cpu", **kwargs) -> ImageSource:
-    return GlyphSource(split=split, device=device, **kwargs)
+register_dataset("glyphs")(GlyphSource)

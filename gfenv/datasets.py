@@ -14,9 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.datasets as tvd
-from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from gfenv.data import SPLITS, ImageSource, hash_uniform, register_dataset
 
@@ -35,10 +32,11 @@ def _split_id(split: str) -> int:
     return SPLITS.index(split) if split in SPLITS else len(SPLITS)
 
 
-def _require_root(root: str | os.PathLike | None, dataset: str) -> Path:
-    if root is None:
-        raise TypeError(f"Dataset {dataset!r} needs its data folder: pass root=<path> (env kwarg `root=...`).")
-    return Path(root).expanduser()
+def _require_root(data_root: str | os.PathLike | None, dataset: str, layout: str) -> Path:
+    if data_root is None:
+        raise FileNotFoundError(f"Dataset {dataset!r} reads a local folder (nothing is downloaded): pass "
+                                f"data_root=<folder>; it must hold {layout}.")
+    return Path(data_root).expanduser()
 
 
 # CUDA divides a tensor by a scalar as a product with its reciprocal; multiplying by the reciprocal everywhere gives
@@ -86,18 +84,28 @@ class TensorSource(ImageSource):
 class _Spec:
     """How one torchvision dataset is stored: its class, array layout and how it names splits."""
 
-    cls: type
+    name: str  # the class in torchvision.datasets (imported when a dataset is opened)
     layout: str  # "NHW", "NHWC" or "NCHW"
     split_kw: bool  # True: split="train"/"test"; False: train=True/False
+    how_to_get: str = ""  # where to find the files offline
+
+    @property
+    def cls(self) -> type:
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self.name)
 
 
 _TORCHVISION = {
-    "mnist": _Spec(tvd.MNIST, "NHW", False),
-    "fashion_mnist": _Spec(tvd.FashionMNIST, "NHW", False),
-    "cifar10": _Spec(tvd.CIFAR10, "NHWC", False),
-    "cifar100": _Spec(tvd.CIFAR100, "NHWC", False),
-    "svhn": _Spec(tvd.SVHN, "NCHW", True),
-    "stl10": _Spec(tvd.STL10, "NCHW", True),
+    "mnist": _Spec("MNIST", "NHW", False),
+    "fashion_mnist": _Spec("FashionMNIST", "NHW", False,
+                           "on Debian/Ubuntu `apt-get install dataset-fashion-mnist` puts the gzipped files in "
+                           "/usr/share/datasets/fashion-mnist/; unzip them into <data_root>/FashionMNIST/raw/ (gunzip "
+                           "-c FILE.gz > <data_root>/FashionMNIST/raw/FILE)"),
+    "cifar10": _Spec("CIFAR10", "NHWC", False),
+    "cifar100": _Spec("CIFAR100", "NHWC", False),
+    "svhn": _Spec("SVHN", "NCHW", True),
+    "stl10": _Spec("STL10", "NCHW", True),
 }
 
 
@@ -114,10 +122,13 @@ def _expected_files(cls: type, root: Path, split: str) -> list[Path]:
     return [root / cls.base_folder / name for name in names]
 
 
-def _missing_message(label: str, root: Path, expected: list[Path], missing: list[Path]) -> str:
-    where = f"the data root {root} does not exist" if not root.exists() else f"missing {', '.join(map(str, missing))}"
-    return (f"{label} data not found: {where}. {label} expects {', '.join(map(str, expected))}; put the files there "
-            f"or pass download=True (env kwarg `download=True`) to let torchvision fetch them.")
+def _missing_message(spec: _Spec, root: Path, expected: list[Path], missing: list[Path]) -> str:
+    label = spec.cls.__name__
+    where = (f"data_root={root} does not exist" if not root.exists()
+             else f"data_root={root} lacks {', '.join(map(str, missing))}")
+    how = f" To get them: {spec.how_to_get}." if spec.how_to_get else ""
+    return (f"{label} data not found: {where}. {label} expects {', '.join(map(str, expected))} (torchvision's "
+            f"layout).{how} Or pass download=True to let torchvision fetch them.")
 
 
 @functools.cache
@@ -138,8 +149,8 @@ def _open_torchvision(spec: _Spec, label: str, root: Path, split: str, download:
     expected = _expected_files(spec.cls, root, split)
     missing = [p for p in expected if not p.is_file()]
     if missing and not download:
-        raise FileNotFoundError(_missing_message(label, root, expected, missing))
-    if spec.cls is tvd.SVHN:
+        raise FileNotFoundError(_missing_message(spec, root, expected, missing))
+    if spec.name == "SVHN":
         try:
             import scipy.io  # noqa: F401
         except ImportError as e:
@@ -153,10 +164,10 @@ def _open_torchvision(spec: _Spec, label: str, root: Path, split: str, download:
             raise
         missing = [p for p in expected if not p.is_file()]
         if missing:
-            raise FileNotFoundError(_missing_message(label, root, expected, missing)) from e
+            raise FileNotFoundError(_missing_message(spec, root, expected, missing)) from e
         raise ValueError(f"{label} files under {root} fail torchvision's md5 check (corrupt or not the official "
                          f"release): re-download them (download=True after deleting them), or pass verify=False "
-                         f"(env kwarg `verify=False`) to skip the check.") from e
+                         f"to skip the check.") from e
 
 
 def _to_nchw(data: object, layout: str) -> torch.Tensor:
@@ -169,17 +180,18 @@ def _to_nchw(data: object, layout: str) -> torch.Tensor:
 
 
 def torchvision_source(name: str, split: str = "train", device: torch.device | str = "cpu",
-                       root: str | os.PathLike | None = None, download: bool = False, verify: bool = True,
+                       data_root: str | os.PathLike | None = None, download: bool = False, verify: bool = True,
                        image_size: Size | None = None, canvas: Size | None = None, fragments: int = 4,
                        fragment_size: int = 8, seed: int = 0) -> ImageSource:
-    """A torchvision dataset (one of ``_TORCHVISION``) read once from ``root`` into a ``TensorSource``.
+    """A torchvision dataset (one of ``_TORCHVISION``) read once from ``data_root`` into a ``TensorSource``.
 
     ``verify=False`` skips torchvision's md5 checks (only the files' presence is checked); ``canvas`` wraps the source
     in a ``ClutteredCanvasSource`` with ``fragments``, ``fragment_size`` and ``seed``.
     """
     spec = _TORCHVISION[name]
     label = spec.cls.__name__
-    path = _require_root(root, name)
+    path = _require_root(data_root, name, f"{label}/ in torchvision's layout"
+                         + (f" ({spec.how_to_get})" if spec.how_to_get else ""))
     ds = _open_torchvision(spec, label, path, split, download, verify)
     images = _to_nchw(ds.data, spec.layout)
     labels = torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
@@ -197,11 +209,14 @@ for _name in _TORCHVISION:
 
 
 @register_dataset("cluttered_mnist")
-def cluttered_mnist(split: str = "train", device: torch.device | str = "cpu", canvas: Size = 60, fragments: int = 4,
-                    fragment_size: int = 8, **kwargs) -> ImageSource:
+def cluttered_mnist(split: str = "train", device: torch.device | str = "cpu",
+                    data_root: str | os.PathLike | None = None, canvas: Size = 60, fragments: int = 4,
+                    fragment_size: int = 8, download: bool = False, verify: bool = True,
+                    image_size: Size | None = None, seed: int = 0) -> ImageSource:
     """RAM's cluttered translated MNIST: 60x60 with 4 fragments of 8x8 (100x100 with 8 fragments is the other)."""
-    return torchvision_source("mnist", split, device, canvas=canvas, fragments=fragments, fragment_size=fragment_size,
-                              **kwargs)
+    return torchvision_source("mnist", split, device, data_root=data_root, download=download, verify=verify,
+                              image_size=image_size, canvas=canvas, fragments=fragments, fragment_size=fragment_size,
+                              seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,9 +232,12 @@ class ImageFolderSource(ImageSource):
     square output) and centre-cropped to ``image_size``; ``crop_fraction=0.875`` is the usual ImageNet evaluation.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", device: torch.device | str = "cpu",
+    def __init__(self, data_root: str | os.PathLike | None = None, split: str = "train",
+                 device: torch.device | str = "cpu",
                  image_size: Size = 224, crop_fraction: float = 1.0, test_folder: str | None = None):
-        self.root = _require_root(root, "imagefolder")
+        from torchvision.datasets.folder import find_classes
+
+        self.root = _require_root(data_root, "imagefolder", "<data_root>/<split>/<class>/<image>")
         if not 0.0 < crop_fraction <= 1.0:
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
         self.split = split
@@ -235,6 +253,8 @@ class ImageFolderSource(ImageSource):
         self.num_classes = len(self.classes)
 
     def _find_samples(self, names: list[str], class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
         notes = []
         for name in names:
             folder = self.root / name
@@ -261,13 +281,15 @@ class ImageFolderSource(ImageSource):
                     return samples
         tried = " or ".join(str(self.root / n / "<class>" / "<image>") for n in names)
         raise FileNotFoundError(f"imagefolder {self.split!r} split not found: expected images at {tried} "
-                                f"(extensions {', '.join(IMG_EXTENSIONS)}). Point root= at a folder holding "
+                                f"(extensions {', '.join(IMG_EXTENSIONS)}). Point data_root= at a folder holding "
                                 f"train/ and test/ (or val/) with one sub-folder per class." + "".join(notes))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _load(self, path: str) -> torch.Tensor:
+        from PIL import Image
+
         h_out, w_out = self.size
         try:
             with Image.open(path) as img:
@@ -295,10 +317,10 @@ class ImageFolderSource(ImageSource):
 
 
 @register_dataset("imagefolder")
-def imagefolder(split: str = "train", device: torch.device | str = "cpu", root: str | os.PathLike | None = None,
+def imagefolder(split: str = "train", device: torch.device | str = "cpu", data_root: str | os.PathLike | None = None,
                 image_size: Size | None = None, crop_fraction: float = 1.0, test_folder: str | None = None,
                 canvas: Size | None = None, fragments: int = 4, fragment_size: int = 8, seed: int = 0) -> ImageSource:
-    source: ImageSource = ImageFolderSource(root, split, device, 224 if image_size is None else image_size,
+    source: ImageSource = ImageFolderSource(data_root, split, device, 224 if image_size is None else image_size,
                                             crop_fraction, test_folder)
     if canvas is not None:
         source = ClutteredCanvasSource(source, canvas, fragments, fragment_size, seed)

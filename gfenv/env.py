@@ -19,18 +19,16 @@ from gymnasium.vector import VectorEnv
 from gymnasium.vector.utils import batch_space
 from gymnasium.vector.vector_env import AutoresetMode
 
-from gfenv import datasets as _datasets  # noqa: F401  (registers the torchvision-backed datasets in DATASETS)
 from gfenv.cache import CACHE_MODES, FeatureCache
 from gfenv.checkpoint import load_model
-from gfenv.data import DATASETS, make_source
 from gfenv.flops import model_macs
 from gfenv.glimpse import check_patch_size, crop, glance, grid_corners, location_to_corner
 from gfenv.models import encode
 from gfenv.rewards import Reward, RewardFn, check_finite
+from gfenv.task import ASSETS, resolve_task
 
 ACTION_MODES = ("continuous", "grid", "grid+stop")
 OBSERVATION_MODES = ("dict", "gfnet", "flat")
-ASSETS = Path(__file__).parent / "assets"
 DEFAULT_CHECKPOINT = ASSETS / "glyphs_small_cnn.pt"
 FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker refuses infinite Box bounds
 
@@ -48,21 +46,6 @@ def _state_safe(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def resolve_checkpoint(checkpoint: str | Path | None, dataset: str, dataset_kwargs: dict) -> Path:
-    """The stage-1 checkpoint to load: the given path, "default" (the shipped one), or None: the shipped one for the
-    default task, else an error with the command that trains one."""
-    if checkpoint is not None:
-        return DEFAULT_CHECKPOINT if checkpoint == "default" else Path(checkpoint)
-    if dataset == "glyphs" and not dataset_kwargs:
-        return DEFAULT_CHECKPOINT
-    kw = " ".join(f"{k}={v}" for k, v in {"dataset": dataset, **dataset_kwargs}.items())
-    raise FileNotFoundError(
-        f"No stage-1 checkpoint for dataset={dataset!r} with {dataset_kwargs or 'default settings'}: the shipped "
-        f"encoders only cover the default cluttered-glyphs task. Train one with\n"
-        f"  python train_agent.py --stage 1 --env-kwargs {kw} --run-dir runs/stage1/{dataset}\n"
-        f"then pass checkpoint=runs/stage1/{dataset}/model.pt.")
 
 
 class GlanceFocusVectorEnv(VectorEnv):
@@ -126,15 +109,16 @@ class GlanceFocusVectorEnv(VectorEnv):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, num_envs: int = 16, dataset: str = "glyphs", data_root: str | None = None,
+    def __init__(self, num_envs: int = 16, dataset: str | None = None, data_root: str | None = None,
                  dataset_kwargs: dict | None = None, split: str = "train", checkpoint: str | Path | None = None,
                  backbone: str | None = None, patch_size: int | None = None, num_classes: int | None = None,
-                 steps: int | None = None, action: str = "continuous", grid: int = 7, observation: str = "dict",
+                 steps: int | None = None, classifier: str | None = None, hidden: int | None = None,
+                 glance_mode: str | None = None, action: str = "continuous", grid: int = 7, observation: str = "dict",
                  reward: str | RewardFn = "confidence_gain", mac_cost: float = 0.0, sampling: str = "random",
                  device: str | torch.device = "cpu", seed: int | None = None, render_mode: str | None = None,
                  autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
                  cache: str | None = None, cache_dir: str | Path | None = None, cache_images: int | None = None,
-                 model=None, source=None):
+                 model=None, source=None, **dataset_words):
         if action not in ACTION_MODES:
             raise ValueError(f"Unknown action mode {action!r}; choose one of {ACTION_MODES}.")
         if observation not in OBSERVATION_MODES:
@@ -149,25 +133,24 @@ class GlanceFocusVectorEnv(VectorEnv):
                                  "'grid+stop') with cache, or cache=None for continuous actions.")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"Unknown render_mode {render_mode!r}; the env supports 'rgb_array'.")
-        if dataset not in DATASETS:
-            raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
         self.device = torch.device(device)
         self.num_envs = int(num_envs)
         self.render_mode = render_mode
         self.action_mode, self.observation_mode, self.sampling = action, observation, sampling
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
-        dataset_kwargs = dict(dataset_kwargs or {})
-        if data_root is not None:
-            dataset_kwargs["root"] = data_root
-        self.source = source if source is not None else make_source(dataset, split, self.device, **dataset_kwargs)
+        words = {"dataset": dataset, "data_root": data_root, "dataset_kwargs": dataset_kwargs, "checkpoint": checkpoint,
+                 "backbone": backbone, "patch_size": patch_size, "steps": steps, "classifier": classifier, "hidden": hidden,
+                 "glance_mode": glance_mode, **dataset_words}
+        self.task = resolve_task(words, need_checkpoint=model is None)  # the data and model these words name
+        if model is None and self.task.checkpoint.name.endswith(".pth.tar"):  # GFNet-Pytorch's released files
+            model, source = _official_model(self.task, split, self.device, source)
+        self.source = source if source is not None else self.task.source(split, self.device)
         c, h, w = self.source.image_shape
         if model is None:
-            expect = {k: v for k, v in {"backbone": backbone, "patch_size": patch_size,
-                                        "num_classes": num_classes or self.source.num_classes,
-                                        "in_channels": c}.items() if v is not None}
-            path = resolve_checkpoint(checkpoint, dataset, dataset_kwargs)
-            model, _ = load_model(path, expect=expect, map_location=self.device)
+            expect = {k: v for k, v in self.task.model_words.items() if k != "steps"}
+            expect.update(num_classes=num_classes or self.source.num_classes, in_channels=c)
+            model, _ = load_model(self.task.checkpoint, expect=expect, map_location=self.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         cfg = self.model.config
         self.patch_size, self.num_classes, self.height, self.width = cfg.patch_size, cfg.num_classes, h, w
@@ -534,6 +517,21 @@ class GlanceFocusVectorEnv(VectorEnv):
             img = draw_bounding_boxes(img, boxes, labels=[str(k + 1) for k in range(len(hist))],
                                       colors=[colours[k % len(colours)] for k in range(len(hist))], width=1)
         return img.permute(1, 2, 0).numpy()
+
+
+def _official_model(task, split: str, device: torch.device, source) -> tuple[Any, Any]:
+    """The model of a GFNet-Pytorch ``.pth.tar`` and the ImageNet images standardised for it (unless given)."""
+    from gfenv.official import NormalizedSource, load_gfnet_checkpoint
+
+    ckpt = load_gfnet_checkpoint(task.checkpoint, arch=task.model_words.get("backbone"), map_location=device,
+                                 patch_size=task.model_words.get("patch_size"))
+    if source is None:
+        if task.data_root is None:
+            raise FileNotFoundError(f"{task.checkpoint} reads ImageNet: pass data_root=<ImageNet folder>.")
+        source = ckpt.source(task.data_root, split, device)
+    elif not isinstance(source, NormalizedSource):
+        source = NormalizedSource(source)
+    return ckpt.model, source
 
 
 def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

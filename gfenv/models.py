@@ -1,7 +1,7 @@
 """GFNet's vision stack: glance encoder f_G, focus encoder f_L and the classifier f_C.
 
-Encoders return (pooled features, last spatial feature map). Backbones come from a registry: the small CNN that
-is fast on a CPU (the default) and torchvision's models (see ``gfenv.backbones``). The classifier is GFNet's GRU
+Encoders return (pooled features, last spatial feature map). Backbones come from the registry of ``gfenv.backbones``:
+the small CNN that is fast on a CPU (the default) and torchvision's models. The classifier is GFNet's GRU
 over per-step features with a linear head, or the cascaded variant (one linear head per step).
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -17,39 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_backbone(name: str) -> Callable:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        BACKBONES[name] = fn
-        return fn
-
-    return deco
-
-
-class SmallCNN(nn.Module):
-    """A 4-stage conv net for small patches: stride 1 first (fine texture survives), then three stride-2 stages."""
-
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)):
-        super().__init__()
-        layers: list[nn.Module] = []
-        prev = in_channels
-        for i, w in enumerate(widths):
-            layers += [nn.Conv2d(prev, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            prev = w
-        self.features = nn.Sequential(*layers)
-        self.feature_dim = prev
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.features(x)  # (B, D, h, w)
-        return fmap.mean(dim=(2, 3)), fmap
-
-
-@register_backbone("small_cnn")
-def small_cnn(in_channels: int = 1, weights: str | None = None, **kwargs) -> nn.Module:
-    return SmallCNN(in_channels, **kwargs)
+from gfenv.backbones import build_encoder
 
 
 class _Frozen(NamedTuple):
@@ -121,15 +88,6 @@ def encode(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if frozen.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return frozen.module(x)
-
-
-def build_encoder(name: str, in_channels: int, weights: str | None = None, **kwargs) -> nn.Module:
-    """An encoder from the backbone registry; ``weights`` is a local file (no downloads)."""
-    from gfenv import backbones  # noqa: F401  (registers torchvision backbones)
-
-    if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(sorted(BACKBONES))}.")
-    return BACKBONES[name](in_channels=in_channels, weights=weights, **kwargs)
 
 
 class _Classifier(nn.Module):

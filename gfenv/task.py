@@ -1,264 +1,302 @@
-"""Registered tasks beside ``gfenv/GlanceFocus-v0``: RAM's cluttered MNIST (60 x 60, 100 x 100), CIFAR-10 on a cluttered
-canvas and ImageNet with GFNet's ResNet-50 setting. Each reads a local dataset (``data_root``; never downloads) and a
-stage-1 checkpoint trained for it; without either, making the env names what is missing and the command that makes it.
+"""What a task is, and the one way to name it everywhere.
+
+A task is the data (``dataset``, ``data_root`` and the dataset's own words: ``canvas``, ``fragments``,
+``fragment_size``, ``image_size``, ...) and the model that reads it (``patch_size``, ``steps``, ``backbone``,
+``classifier``, ``hidden``, ``glance_mode``, and its stage-1 ``checkpoint``). The same flat words name it in
+``gymnasium.make``, the env's constructor, every stage of ``train_agent.py``, ``evaluate_agent.py`` and the bench;
+``dataset_kwargs={...}`` is still taken, folded into the flat words. ``resolve_task`` turns the words into a
+``TaskSpec`` (the source to read, the checkpoint to load, what to check the checkpoint against); a stage-1
+checkpoint records its task (``task`` in its meta), so naming the checkpoint names the rest.
+
+Registered tasks (``TASKS``, ``register_task``) are env ids with their words; ``import gfenv`` registers them with
+gymnasium. Adding a task is one ``register_task(Task(...))`` call.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import inspect
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
+import gymnasium
+
+from gfenv.checkpoint import load_checkpoint
+from gfenv.data import DATASETS, load_builtin_datasets, make_source
+
+ASSETS = Path(__file__).parent / "assets"
+MODEL_WORDS = ("patch_size", "steps", "backbone", "classifier", "hidden", "glance_mode")
+"""Words that describe the model (checked against the checkpoint) rather than the data."""
+STAGE1_DEFAULTS = {"patch_size": 32, "steps": 5, "backbone": "small_cnn"}
+"""What stage 1 trains when a task leaves these words out."""
+DEFAULT_DATASET = "glyphs"
+ENV_SETTINGS = ("num_envs", "split", "num_classes", "action", "grid", "observation", "reward", "mac_cost", "sampling",
+                "device", "seed", "render_mode", "autoreset_mode", "max_episode_steps", "cache", "cache_dir",
+                "cache_images", "model", "source")
+"""The env's arguments that are not the task: how episodes run, not what is read."""
+SIZE_WORDS = ("train_size", "test_size")
+"""Dataset words that change how many images a split has, not which task it is."""
 
 
 @dataclass(frozen=True)
-class Variant:
-    """A registered task: its env id, the env kwargs it is registered with, and how to get its data and model."""
+class Task:
+    """A registered task: an env id and the words that name its data and model."""
 
     env_id: str
-    name: str
-    """Short name: the stage-1 run folder is ``runs/stage1/<name>``."""
-    kwargs: dict[str, Any]
-    """The registered kwargs (``gymnasium.spec(env_id).kwargs``)."""
-    data: str
-    """What ``data_root`` must hold."""
-    stage1: str = ""
-    """Stage-1 settings beyond the registered kwargs (``--env-kwargs`` of train_agent.py)."""
-    options: str = ""
-    """Extra train_agent.py options for stage 1."""
-    official_checkpoints: bool = False
-    """Whether GFNet-Pytorch's released ``.pth.tar`` files for this setting can be passed as ``checkpoint``."""
+    words: dict[str, Any]
+    """The registered kwargs (``gymnasium.spec(env_id).kwargs``): dataset, dataset words, model words."""
+    summary: str
+    """One line: what the images are and what makes looking matter."""
+    data: str = ""
+    """What ``data_root`` must hold and how to get it; empty for procedural tasks."""
+    checkpoint: str | None = None
+    """The shipped stage-1 checkpoint (a file of ``gfenv/assets``); None: train one with stage 1."""
+    stage1_options: str = ""
+    """``train_agent.py`` options its stage 1 needs (e.g. ``--device cuda --low-memory``)."""
 
-    def stage1_command(self, data_root: Any = None) -> str:
-        """The command that trains this task's stage-1 checkpoint (``runs/stage1/<name>/model.pt``)."""
-        kw = self.kwargs
-        parts = [f"dataset={kw['dataset']}", *(f"{k}={v}" for k, v in kw["dataset_kwargs"].items()),
-                 f"backbone={kw['backbone']}", f"patch_size={kw['patch_size']}", f"steps={kw['steps']}",
-                 *self.stage1.split(), f"data_root={data_root or '<DATA_ROOT>'}"]
-        options = f" {self.options}" if self.options else ""
-        return (f"python train_agent.py --stage 1 --env-kwargs {' '.join(parts)}{options} "
-                f"--run-dir runs/stage1/{self.name}")
+    @property
+    def name(self) -> str:
+        """The id without its namespace, e.g. ``GlanceFocus-v0``: the run folders' name."""
+        return self.env_id.rsplit("/", 1)[-1]
 
-    def env_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``kwargs`` (the registered ones with the user's over them) ready for ``GlanceFocusVectorEnv``: the
-        user's ``dataset_kwargs`` are merged over the variant's, and a missing data root or checkpoint raises
-        FileNotFoundError naming the data layout and the stage-1 training command."""
-        from gfenv import datasets  # noqa: F401  (registers the real datasets, which the env's name check looks up)
-
-        kw = dict(kwargs)
-        kw["dataset_kwargs"] = {**self.kwargs["dataset_kwargs"], **(kwargs.get("dataset_kwargs") or {})}
-        root = kw.get("data_root") or kw["dataset_kwargs"].get("root")
-        problems = []
-        if kw.get("source") is None:
-            if root is None:
-                problems.append(f"pass data_root=<folder>: it must hold {self.data}")
-            elif not Path(root).expanduser().is_dir():
-                problems.append(f"data_root={root} does not exist: it must hold {self.data}")
-        checkpoint = kw.get("checkpoint")
-        if kw.get("model") is None and (checkpoint is None or not Path(checkpoint).expanduser().is_file()):
-            have = "no stage-1 checkpoint was given" if checkpoint is None else f"checkpoint={checkpoint} is missing"
-            official = (" (or GFNet-Pytorch's released ResNet-50 P = 96, T = 5 .pth.tar file)"
-                        if self.official_checkpoints else "")
-            problems.append(f"{have}; train one with\n  {self.stage1_command(root)}\nthen pass "
-                            f"checkpoint=runs/stage1/{self.name}/model.pt{official}")
-        if problems:
-            raise FileNotFoundError(f"{self.env_id} needs a local dataset and a stage-1 checkpoint (nothing is "
-                                    f"downloaded): " + ";\n".join(problems) + ".")
-        if self.official_checkpoints and kw.get("model") is None and str(checkpoint).endswith(".pth.tar"):
-            kw = self._official(kw, root)
-        return kw
-
-    def _official(self, kw: dict[str, Any], root: Any) -> dict[str, Any]:
-        """Env kwargs for a GFNet-Pytorch checkpoint: its model, and the ImageNet images standardised for it."""
-        from gfenv.official import load_gfnet_checkpoint
-
-        device = kw.get("device", "cpu")
-        ckpt = load_gfnet_checkpoint(kw.pop("checkpoint"), arch=kw.get("backbone"), map_location=device)
-        if ckpt.patch_size != kw.get("patch_size"):
-            raise ValueError(f"{ckpt.path} was trained with patch_size={ckpt.patch_size}; {self.env_id} uses "
-                             f"patch_size={kw.get('patch_size')}.")
-        kw["model"] = ckpt.model
-        if kw.get("source") is None:
-            kw["source"] = ckpt.source(root, kw.get("split", "train"), device)
-        return kw
+    @property
+    def steps(self) -> int:
+        return int(self.words.get("steps", STAGE1_DEFAULTS["steps"]))
 
 
-CLUTTERED_MNIST_DATA = ("MNIST as torchvision stores it: "
-                        "<data_root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte")
-VARIANTS: dict[str, Variant] = {v.env_id: v for v in (
-    Variant("gfenv/ClutteredMNIST60-v0", "cluttered_mnist_60",
-            {"dataset": "cluttered_mnist", "dataset_kwargs": {"canvas": 60, "fragments": 4, "fragment_size": 8},
-             "backbone": "small_cnn", "patch_size": 24, "steps": 5, "data_root": None, "checkpoint": None},
-            CLUTTERED_MNIST_DATA),
-    Variant("gfenv/ClutteredMNIST100-v0", "cluttered_mnist_100",
-            {"dataset": "cluttered_mnist", "dataset_kwargs": {"canvas": 100, "fragments": 8, "fragment_size": 8},
-             "backbone": "small_cnn", "patch_size": 24, "steps": 7, "data_root": None, "checkpoint": None},
-            CLUTTERED_MNIST_DATA),
-    Variant("gfenv/CIFAR10Canvas128-v0", "cifar10_canvas_128",
-            {"dataset": "cifar10", "dataset_kwargs": {"image_size": 64, "canvas": 128, "fragments": 4,
-                                                      "fragment_size": 16},
-             "backbone": "small_cnn", "patch_size": 32, "steps": 5, "data_root": None, "checkpoint": None},
-            "CIFAR-10 as torchvision stores it: <data_root>/cifar-10-batches-py/{data_batch_1..5,test_batch,"
-            "batches.meta}"),
-    Variant("gfenv/ImageNetResNet50P96-v0", "imagenet_resnet50_p96",
-            {"dataset": "imagefolder", "dataset_kwargs": {"image_size": 224, "crop_fraction": 0.875},
-             "backbone": "resnet50", "patch_size": 96, "steps": 5, "data_root": None, "checkpoint": None},
-            "ImageNet as an ImageFolder tree: <data_root>/train/<wnid>/*.JPEG and <data_root>/val/<wnid>/*.JPEG "
-            "(1000 class folders each)",
-            stage1="hidden=1024 glance_mode=bicubic", options="--device cuda --low-memory",
-            official_checkpoints=True),
-)}
+TASKS: dict[str, Task] = {}
 
 
-class _VariantEnv(GlanceFocusEnv):
-    variant: Variant
+def register_task(task: Task) -> Task:
+    """Add ``task`` to ``TASKS`` and register its id with gymnasium (single and batched entry points); an id taken
+    by another task is refused."""
+    if task.env_id in TASKS and TASKS[task.env_id] != task:
+        raise ValueError(f"A task with id {task.env_id!r} is already registered.")
+    canonical = canonical_words(task.words)
+    if canonical != task.words:
+        raise ValueError(f"Task {task.env_id}: give its words flat, as {canonical}.")
+    TASKS[task.env_id] = task
+    if task.env_id not in gymnasium.registry:
+        gymnasium.register(task.env_id, entry_point="gfenv.env:GlanceFocusEnv",
+                           vector_entry_point="gfenv.env:GlanceFocusVectorEnv", kwargs=copy.deepcopy(task.words))
+    return task
 
-    def __init__(self, render_mode: str | None = None, **kwargs: Any):
-        super().__init__(render_mode=render_mode, **self.variant.env_kwargs(kwargs))
+
+# ------------------------------------------------------------------------------------------------- resolution
+def canonical_words(words: Mapping[str, Any]) -> dict[str, Any]:
+    """``words`` flat: the entries of ``dataset_kwargs`` (a dict, or YAML text) moved to the top level; None values
+    dropped. The same setting given both ways with different values is refused, naming both; ``root`` is refused in
+    favour of ``data_root``."""
+    flat = {k: v for k, v in words.items() if k != "dataset_kwargs" and v is not None}
+    nested = words.get("dataset_kwargs") or {}
+    if isinstance(nested, str):
+        import yaml
+
+        nested = yaml.safe_load(nested) or {}
+    if not isinstance(nested, Mapping):
+        raise ValueError(f"dataset_kwargs={nested!r} must be a dict of dataset settings, e.g. "
+                         "dataset_kwargs={'canvas': 60}; or give them flat: canvas=60.")
+    for key, value in nested.items():
+        if value is None:
+            continue
+        if key in flat and flat[key] != value:
+            raise ValueError(f"{key} is given twice: {key}={flat[key]!r} and dataset_kwargs={{{key!r}: {value!r}}}; "
+                             f"give it once (flat: {key}=...).")
+        flat[key] = value
+    if "root" in flat:
+        raise ValueError(f"root={flat['root']!r}: the dataset folder is named data_root; pass "
+                         f"data_root={flat['root']}.")
+    return flat
 
 
-class _VariantVectorEnv(GlanceFocusVectorEnv):
-    variant: Variant
-
-    def __init__(self, num_envs: int = 16, **kwargs: Any):
-        super().__init__(num_envs=num_envs, **self.variant.env_kwargs(kwargs))
+def task_words(words: Mapping[str, Any]) -> dict[str, Any]:
+    """``canonical_words(words)`` without the env settings (``ENV_SETTINGS``): the words a training stage reads."""
+    return {k: v for k, v in canonical_words(words).items() if k not in ENV_SETTINGS}
 
 
-class ClutteredMNIST60Env(_VariantEnv):
+@dataclass
+class TaskSpec:
+    """A task resolved from its words: what the env (or a training stage) reads and loads."""
+
+    dataset: str
+    dataset_words: dict[str, Any] = field(default_factory=dict)
+    """The dataset's own settings (canvas, fragments, image_size, train_size, ...)."""
+    data_root: str | None = None
+    model_words: dict[str, Any] = field(default_factory=dict)
+    """The model words given (patch_size, steps, backbone, ...): checked against the checkpoint."""
+    checkpoint: Path | None = None
+    """The stage-1 checkpoint to load; None when the caller brings its own model (or none is needed)."""
+    env_id: str | None = None
+    """The registered task these words name, if any."""
+
+    @property
+    def source_kwargs(self) -> dict[str, Any]:
+        """What ``make_source`` takes besides dataset, split and device: the dataset words and ``data_root``."""
+        return {**self.dataset_words, **({"data_root": self.data_root} if self.data_root is not None else {})}
+
+    @property
+    def words(self) -> dict[str, Any]:
+        """The task in flat words (what runs record): dataset, data_root, dataset words, model words."""
+        out = {"dataset": self.dataset, **({"data_root": self.data_root} if self.data_root is not None else {})}
+        return {**out, **self.dataset_words, **self.model_words}
+
+    def source(self, split: str, device: Any = "cpu"):
+        """The image source of ``split`` on ``device``."""
+        return make_source(self.dataset, split, device, **self.source_kwargs)
+
+    def stage1_command(self) -> str:
+        """The ``train_agent.py`` command that trains this task's stage-1 checkpoint, complete as printed."""
+        words = {**{"dataset": self.dataset}, **self.dataset_words, **STAGE1_DEFAULTS, **self.model_words,
+                 "data_root": self.data_root or "<DATA_ROOT>"}
+        if self.dataset == DEFAULT_DATASET and self.data_root is None:
+            words.pop("data_root")
+        options = TASKS[self.env_id].stage1_options if self.env_id in TASKS else ""
+        args = " ".join(shlex.quote(f"{k}={v}") for k, v in words.items())
+        return (f"python train_agent.py --stage 1 --env-kwargs {args}{' ' + options if options else ''} "
+                f"--run-dir {self.stage1_run_dir()}")
+
+    def stage1_run_dir(self) -> str:
+        """``runs/stage1/<name>``: the registered task's name, else the dataset and its words."""
+        if self.env_id is not None:
+            return f"runs/stage1/{TASKS[self.env_id].name}"
+        parts = [self.dataset, *(f"{k}{v}" for k, v in self.dataset_words.items() if k not in ("seed",))]
+        return "runs/stage1/" + "_".join(str(p).replace("/", "-").replace(" ", "") for p in parts)
+
+
+def recorded_task(checkpoint: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """(env id, task words) that a gfenv checkpoint records (``meta["env"]``, ``meta["task"]``: written by stage 1
+    and stage 3); (None, {}) for files that record none (older checkpoints, GFNet-Pytorch's ``.pth.tar``)."""
+    path = Path(checkpoint).expanduser()
+    if path.name.endswith(".pth.tar") or not path.is_file():
+        return None, {}
+    meta = load_checkpoint(path).get("meta") or {}
+    return meta.get("env"), dict(meta.get("task") or {})
+
+
+def _data_problems(spec: TaskSpec) -> list[str]:
+    """What is wrong with ``data_root`` for a dataset that reads a local folder: missing, or not a folder."""
+    if "data_root" not in inspect.signature(DATASETS[spec.dataset]).parameters:
+        return []
+    layout = TASKS[spec.env_id].data if spec.env_id in TASKS and TASKS[spec.env_id].data else (
+        f"the files of dataset {spec.dataset!r}")
+    if spec.data_root is None:
+        return [f"pass data_root=<folder>: {spec.env_id or spec.dataset} reads a local folder (nothing is "
+                f"downloaded) that must hold {layout}"]
+    if not Path(spec.data_root).expanduser().is_dir():
+        return [f"data_root={spec.data_root} does not exist: it must hold {layout}"]
+    return []
+
+
+def identify(dataset: str, dataset_words: Mapping[str, Any]) -> str | None:
+    """The registered task with exactly this data (its dataset and dataset words; split sizes aside), if any."""
+    for task in TASKS.values():
+        words = dict(task.words)
+        if words.pop("dataset", DEFAULT_DATASET) != dataset:
+            continue
+        mine = {k: v for k, v in words.items() if k not in (*MODEL_WORDS, "data_root", "checkpoint")}
+        if {k: v for k, v in dataset_words.items() if k not in SIZE_WORDS} == mine:
+            return task.env_id
+    return None
+
+
+def resolve_task(words: Mapping[str, Any], need_checkpoint: bool = True) -> TaskSpec:
+    """The task named by ``words`` (flat, or with ``dataset_kwargs``), checked.
+
+    ``checkpoint`` names the stage-1 model; a checkpoint that records its task fills in the words not given (the
+    dataset, its settings and ``data_root``) and refuses words that contradict it. Without ``checkpoint`` a
+    registered task's shipped checkpoint is used; when there is none (and ``need_checkpoint``) FileNotFoundError
+    gives the complete stage-1 command that trains it.
     """
-    ## Description
-    RAM's cluttered translated MNIST (Mnih et al., 2014) as a glance-and-focus task: each 28 x 28 digit at a random
-    place on a 60 x 60 black canvas with 4 clutter fragments of 8 x 8 cut from other digits. The glance (the canvas
-    resized to 24 x 24) shows roughly where the digit is; 24 x 24 focus patches read it at full resolution.
-    Everything else (spaces, rewards, info keys, episode end) is ``gfenv/GlanceFocus-v0``'s; see
-    ``GlanceFocusVectorEnv``.
-
-    ## Arguments
-    ``gymnasium.make("gfenv/ClutteredMNIST60-v0", data_root=..., checkpoint=...)`` (``make_vec`` for the batched env).
-    Registered kwargs: ``dataset="cluttered_mnist"``, ``dataset_kwargs={"canvas": 60, "fragments": 4,
-    "fragment_size": 8}``, ``backbone="small_cnn"``, ``patch_size=24``, ``steps=5``, ``data_root=None``,
-    ``checkpoint=None``. Required: ``data_root``, a folder with ``MNIST/raw/`` as torchvision stores it, and
-    ``checkpoint``, a stage-1 model for this task (the error message without one prints the command that trains it:
-    ``python train_agent.py --stage 1 --env-kwargs dataset=cluttered_mnist canvas=60 fragments=4 fragment_size=8
-    backbone=small_cnn patch_size=24 steps=5 data_root=DATA --run-dir runs/stage1/cluttered_mnist_60``).
-    Any other ``GlanceFocusVectorEnv`` argument may be passed; ``dataset_kwargs`` are merged over the registered ones.
-
-    ## Version History
-    - v0: initial release.
-    """
-
-    variant = VARIANTS["gfenv/ClutteredMNIST60-v0"]
-
-
-class ClutteredMNIST60VectorEnv(_VariantVectorEnv):
-    """The batched ``gfenv/ClutteredMNIST60-v0`` (``gymnasium.make_vec``); see ``ClutteredMNIST60Env``."""
-
-    variant = VARIANTS["gfenv/ClutteredMNIST60-v0"]
-
-
-class ClutteredMNIST100Env(_VariantEnv):
-    """
-    ## Description
-    RAM's larger cluttered translated MNIST: each 28 x 28 digit at a random place on a 100 x 100 canvas with 8 clutter
-    fragments of 8 x 8. The glance (24 x 24, about 4x smaller) barely resolves the digit, so where the 24 x 24 focus
-    patches go matters; T = 7 glimpses (the glance and 6 patches, as RAM's 6-glimpse model). Spaces, rewards, info
-    keys and episode end are ``gfenv/GlanceFocus-v0``'s; see ``GlanceFocusVectorEnv``.
-
-    ## Arguments
-    Registered kwargs: ``dataset="cluttered_mnist"``, ``dataset_kwargs={"canvas": 100, "fragments": 8,
-    "fragment_size": 8}``, ``backbone="small_cnn"``, ``patch_size=24``, ``steps=7``, ``data_root=None``,
-    ``checkpoint=None``. Required: ``data_root`` (``MNIST/raw/`` as torchvision stores it) and ``checkpoint`` (trained
-    by ``python train_agent.py --stage 1 --env-kwargs dataset=cluttered_mnist canvas=100 fragments=8
-    fragment_size=8 backbone=small_cnn patch_size=24 steps=7 data_root=DATA --run-dir
-    runs/stage1/cluttered_mnist_100``).
-
-    ## Version History
-    - v0: initial release.
-    """
-
-    variant = VARIANTS["gfenv/ClutteredMNIST100-v0"]
+    flat = canonical_words(words)
+    checkpoint = flat.pop("checkpoint", None)
+    model_words = {k: flat.pop(k) for k in MODEL_WORDS if k in flat}
+    if checkpoint is not None and checkpoint != "default":
+        for key, value in recorded_task(checkpoint)[1].items():
+            if key in MODEL_WORDS:
+                continue
+            if key not in flat:
+                flat[key] = value
+            elif key != "data_root" and flat[key] != value:
+                raise ValueError(f"checkpoint={checkpoint} was trained on {key}={value!r}, but the task asks for "
+                                 f"{key}={flat[key]!r}: drop {key} (the checkpoint names it) or use a checkpoint "
+                                 f"trained for {key}={flat[key]!r}.")
+    dataset = flat.pop("dataset", DEFAULT_DATASET)
+    if dataset not in load_builtin_datasets():
+        raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
+    data_root = flat.pop("data_root", None)
+    spec = TaskSpec(dataset, flat, None if data_root is None else str(data_root), model_words)
+    spec.env_id = identify(dataset, flat)
+    problems = _data_problems(spec)
+    if checkpoint == "default" or (checkpoint is None and spec.env_id is not None and TASKS[spec.env_id].checkpoint):
+        # "default": the shipped encoders of the task the words name, else (glyphs on other settings) the default task's
+        owner = spec.env_id if spec.env_id is not None else identify(dataset, {})
+        shipped = TASKS[owner].checkpoint if owner is not None else None
+        if shipped is None:
+            problems.append(f"checkpoint='default': no stage-1 checkpoint ships for dataset={dataset!r} with "
+                            f"{flat or 'its default settings'}; train one with\n  {spec.stage1_command()}")
+        spec.checkpoint = ASSETS / shipped if shipped else None
+    elif checkpoint is not None:
+        spec.checkpoint = Path(checkpoint).expanduser()
+        if not spec.checkpoint.is_file() and need_checkpoint:
+            problems.append(f"checkpoint={checkpoint} does not exist; train it with\n  {spec.stage1_command()}\n"
+                            f"then pass checkpoint={spec.stage1_run_dir()}/model.pt")
+    elif need_checkpoint:
+        what = f"the registered task {spec.env_id}" if spec.env_id else f"dataset={dataset!r} with {flat or 'defaults'}"
+        problems.append(f"no stage-1 checkpoint for {what}: no encoders ship for it (nothing is downloaded). Train "
+                        f"them with\n  {spec.stage1_command()}\nthen pass checkpoint={spec.stage1_run_dir()}/model.pt")
+    if problems:
+        raise FileNotFoundError(";\n".join(problems) + ".")
+    return spec
 
 
-class ClutteredMNIST100VectorEnv(_VariantVectorEnv):
-    """The batched ``gfenv/ClutteredMNIST100-v0`` (``gymnasium.make_vec``); see ``ClutteredMNIST100Env``."""
+# ------------------------------------------------------------------------------------------------ the tasks
+CANVAS_MNIST_DATA = ("MNIST as torchvision stores it: "
+                     "<data_root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte")
+FASHION_MNIST_DATA = ("Fashion-MNIST as torchvision stores it: <data_root>/FashionMNIST/raw/{train,t10k}-"
+                      "{images-idx3,labels-idx1}-ubyte (on Debian/Ubuntu: apt-get install dataset-fashion-mnist, then "
+                      "gunzip its files from /usr/share/datasets/fashion-mnist/ into that folder)")
 
-    variant = VARIANTS["gfenv/ClutteredMNIST100-v0"]
-
-
-class CIFAR10Canvas128Env(_VariantEnv):
-    """
-    ## Description
-    CIFAR-10 made a glance-and-focus task: each 32 x 32 image is upsampled to 64 x 64 and put at a random place on a
-    128 x 128 black canvas with 4 clutter fragments of 16 x 16 from other images. The 32 x 32 glance shows the object
-    at a quarter of its canvas size (half its original resolution); a 32 x 32 focus patch sees a quarter of the object
-    at full resolution, so the four focus steps of T = 5 can cover it. (Upsampling alone would not do: a 32 x 32
-    glance of an upsampled CIFAR image already holds every original pixel, and focus patches would add nothing.)
-    Spaces, rewards, info keys and episode end are ``gfenv/GlanceFocus-v0``'s; see ``GlanceFocusVectorEnv``.
-
-    ## Arguments
-    Registered kwargs: ``dataset="cifar10"``, ``dataset_kwargs={"image_size": 64, "canvas": 128, "fragments": 4,
-    "fragment_size": 16}``, ``backbone="small_cnn"``, ``patch_size=32``, ``steps=5``, ``data_root=None``,
-    ``checkpoint=None``. Required: ``data_root`` (``cifar-10-batches-py/`` as torchvision stores it) and ``checkpoint``
-    (trained by ``python train_agent.py --stage 1 --env-kwargs dataset=cifar10 image_size=64 canvas=128
-    fragments=4 fragment_size=16 backbone=small_cnn patch_size=32 steps=5 data_root=DATA --run-dir
-    runs/stage1/cifar10_canvas_128``).
-
-    ## Version History
-    - v0: initial release.
-    """
-
-    variant = VARIANTS["gfenv/CIFAR10Canvas128-v0"]
-
-
-class CIFAR10Canvas128VectorEnv(_VariantVectorEnv):
-    """The batched ``gfenv/CIFAR10Canvas128-v0`` (``gymnasium.make_vec``); see ``CIFAR10Canvas128Env``."""
-
-    variant = VARIANTS["gfenv/CIFAR10Canvas128-v0"]
-
-
-class ImageNetResNet50P96Env(_VariantEnv):
-    """
-    ## Description
-    GFNet's main ImageNet setting: 224 x 224 centre crops (resize to 256, crop 224), ResNet-50 glance and focus
-    encoders, 96 x 96 patches, T = 5 glimpses, a GRU classifier. The policy input (observation ``gfnet``) is the
-    2048 x 3 x 3 feature map of the previous glimpse. Spaces, rewards, info keys and episode end are
-    ``gfenv/GlanceFocus-v0``'s; see ``GlanceFocusVectorEnv``. Meant for a GPU.
-
-    ## Arguments
-    Registered kwargs: ``dataset="imagefolder"``, ``dataset_kwargs={"image_size": 224, "crop_fraction": 0.875}``,
-    ``backbone="resnet50"``, ``patch_size=96``, ``steps=5``, ``data_root=None``, ``checkpoint=None``. Required:
-    ``data_root``, an ImageNet ImageFolder tree (``train/<wnid>/``, ``val/<wnid>/``), and ``checkpoint``: a stage-1
-    model trained by ``python train_agent.py --stage 1 --env-kwargs dataset=imagefolder image_size=224
-    crop_fraction=0.875 backbone=resnet50 patch_size=96 steps=5 hidden=1024 glance_mode=bicubic data_root=DATA
-    --device cuda --low-memory --run-dir runs/stage1/imagenet_resnet50_p96``, or GFNet-Pytorch's released
-    ResNet-50 P = 96, T = 5 ``.pth.tar``, which is loaded with ``gfenv.official`` (its images are then standardised
-    with the ImageNet mean and std, as its encoders expect).
-
-    ## Version History
-    - v0: initial release.
-    """
-
-    variant = VARIANTS["gfenv/ImageNetResNet50P96-v0"]
+BUILTIN_TASKS = (
+    Task("gfenv/GlanceFocus-v0", {},
+         "cluttered glyphs, 128 x 128: a glyph's 1-2 px texture names the class, its silhouette (visible at the "
+         "glance) tells where to look; one well-placed patch suffices (the quick task)",
+         checkpoint="glyphs_small_cnn.pt"),
+    Task("gfenv/ClutteredMNIST60-v0",
+         {"dataset": "cluttered_mnist", "canvas": 60, "fragments": 4, "fragment_size": 8, "backbone": "small_cnn",
+          "patch_size": 24, "steps": 5},
+         "RAM's cluttered translated MNIST: a digit on a 60 x 60 canvas with 4 clutter fragments of 8 x 8",
+         CANVAS_MNIST_DATA),
+    Task("gfenv/ClutteredMNIST100-v0",
+         {"dataset": "cluttered_mnist", "canvas": 100, "fragments": 8, "fragment_size": 8, "backbone": "small_cnn",
+          "patch_size": 24, "steps": 7},
+         "RAM's larger cluttered MNIST: 100 x 100 with 8 fragments; the 24 x 24 glance barely resolves the digit",
+         CANVAS_MNIST_DATA),
+    Task("gfenv/FashionMNIST60-v0",
+         {"dataset": "fashion_mnist", "canvas": 60, "fragments": 4, "fragment_size": 8, "backbone": "small_cnn",
+          "patch_size": 24, "steps": 5},
+         "RAM's cluttered-canvas protocol on Fashion-MNIST: a garment on a 60 x 60 canvas with 4 fragments of 8 x 8",
+         FASHION_MNIST_DATA),
+    Task("gfenv/CIFAR10Canvas128-v0",
+         {"dataset": "cifar10", "image_size": 64, "canvas": 128, "fragments": 4, "fragment_size": 16,
+          "backbone": "small_cnn", "patch_size": 32, "steps": 5},
+         "CIFAR-10 upsampled to 64 x 64 on a 128 x 128 cluttered canvas: a 32 x 32 patch sees a quarter of the "
+         "object",
+         "CIFAR-10 as torchvision stores it: <data_root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"),
+    Task("gfenv/ImageNetResNet50P96-v0",
+         {"dataset": "imagefolder", "image_size": 224, "crop_fraction": 0.875, "backbone": "resnet50",
+          "patch_size": 96, "steps": 5},
+         "GFNet's ImageNet setting: 224 x 224 centre crops, ResNet-50 encoders, 96 x 96 patches (meant for a GPU); "
+         "GFNet-Pytorch's released ResNet-50 P = 96 .pth.tar loads as its checkpoint",
+         "ImageNet as an ImageFolder tree: <data_root>/train/<wnid>/*.JPEG and <data_root>/val/<wnid>/*.JPEG (1000 "
+         "class folders each)",
+         stage1_options="--device cuda --low-memory --hyperparams hidden=1024 glance_mode=bicubic"),
+)
 
 
-class ImageNetResNet50P96VectorEnv(_VariantVectorEnv):
-    """The batched ``gfenv/ImageNetResNet50P96-v0`` (``gymnasium.make_vec``); see ``ImageNetResNet50P96Env``."""
-
-    variant = VARIANTS["gfenv/ImageNetResNet50P96-v0"]
-
-
-ENTRY_POINTS = {cls.variant.env_id: cls.__name__.removesuffix("Env") for cls in (
-    ClutteredMNIST60Env, ClutteredMNIST100Env, CIFAR10Canvas128Env, ImageNetResNet50P96Env)}
-
-
-def register_variants() -> None:
-    """Register every variant with gymnasium (``import gfenv`` does it)."""
-    import gymnasium
-
-    for env_id, stem in ENTRY_POINTS.items():
-        if env_id not in gymnasium.registry:
-            gymnasium.register(env_id, entry_point=f"gfenv.task:{stem}Env",
-                               vector_entry_point=f"gfenv.task:{stem}VectorEnv",
-                               kwargs=copy.deepcopy(VARIANTS[env_id].kwargs))
+def register_builtin_tasks() -> None:
+    """Register the built-in tasks (``import gfenv`` does it)."""
+    for task in BUILTIN_TASKS:
+        register_task(task)

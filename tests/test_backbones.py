@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gfenv.backbones import TORCHVISION_BACKBONES, cached_weights_path
+from gfenv.backbones import BACKBONES, TORCHVISION_BACKBONES, build_encoder, cached_weights_path
 from gfenv.flops import count_macs, model_macs
-from gfenv.models import BACKBONES, GFNetModel, ModelConfig, build_encoder
+from gfenv.models import GFNetModel, ModelConfig
 
 FAST = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
 CASES = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in TORCHVISION_BACKBONES]

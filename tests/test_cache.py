@@ -113,7 +113,7 @@ def test_stage2_trains_on_cached_features_through_the_cli(tmp_path):
     import yaml
 
     import train_agent
-    from agents import load_agent
+    from gfenv.train.runs import load_agent
 
     rc = train_agent.main(["--stage", "2", "--agent", "maskable_ppo", "--timesteps", "64", "--num-envs", "4",
                            "--run-dir", str(tmp_path), "--no-progress", "--eval-freq", "0", "--eval-episodes", "24",

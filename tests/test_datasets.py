@@ -91,8 +91,8 @@ def _fake_imagefolder(root: Path, test_name: str = "val") -> Path:
 @pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_mnist_like(tmp_path: Path, name: str, folder: str) -> None:
     root = _fake_mnist(tmp_path, folder)
-    train = make_source(name, "train", root=str(root))
-    test = make_source(name, "test", root=str(root))
+    train = make_source(name, "train", data_root=str(root))
+    test = make_source(name, "test", data_root=str(root))
     assert (len(train), len(test)) == (24, 12)
     assert train.image_shape == (1, 28, 28) and train.num_classes == 10
     x, y = train.get(torch.tensor([0, 5, 23]))
@@ -105,16 +105,16 @@ def test_mnist_like(tmp_path: Path, name: str, folder: str) -> None:
 
 def test_image_size_resizes(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
-    assert make_source("mnist", "train", root=root, image_size=16).get(torch.arange(2))[0].shape == (2, 1, 16, 16)
-    src = make_source("mnist", "train", root=root, image_size=(12, 20))
+    assert make_source("mnist", "train", data_root=root, image_size=16).get(torch.arange(2))[0].shape == (2, 1, 16, 16)
+    src = make_source("mnist", "train", data_root=root, image_size=(12, 20))
     x, _ = src.get(torch.arange(2))
     assert src.image_shape == (1, 12, 20) and x.shape == (2, 1, 12, 20) and 0 <= x.min() and x.max() <= 1
 
 
 def test_cifar10_classes_from_meta(tmp_path: Path) -> None:
     root = _fake_cifar10(tmp_path)
-    train = make_source("cifar10", "train", root=root, verify=False)
-    test = make_source("cifar10", "test", root=root, verify=False)
+    train = make_source("cifar10", "train", data_root=root, verify=False)
+    test = make_source("cifar10", "test", data_root=root, verify=False)
     assert (len(train), len(test)) == (20, 4)
     assert train.num_classes == 4 and train.image_shape == (3, 32, 32)
     x, y = train.get(torch.arange(20))
@@ -128,17 +128,17 @@ def test_cifar10_classes_from_meta(tmp_path: Path) -> None:
 def test_cifar10_checksum_mismatch_is_explained(tmp_path: Path) -> None:
     root = _fake_cifar10(tmp_path)
     with pytest.raises(ValueError, match="md5.*verify=False"):
-        make_source("cifar10", "train", root=root)
+        make_source("cifar10", "train", data_root=root)
 
 
 def test_cifar100(tmp_path: Path) -> None:
-    src = make_source("cifar100", "test", root=_fake_cifar100(tmp_path), verify=False)
+    src = make_source("cifar100", "test", data_root=_fake_cifar100(tmp_path), verify=False)
     x, y = src.get(torch.arange(len(src)))
     assert src.num_classes == 7 and x.shape == (6, 3, 32, 32) and y.max() < 7
 
 
 def test_stl10(tmp_path: Path) -> None:
-    src = make_source("stl10", "train", root=_fake_stl10(tmp_path), verify=False, image_size=48)
+    src = make_source("stl10", "train", data_root=_fake_stl10(tmp_path), verify=False, image_size=48)
     x, y = src.get(torch.tensor([2, 0]))
     assert src.num_classes == 5 and src.image_shape == (3, 48, 48) and x.shape == (2, 3, 48, 48)
     assert y.tolist() == [2, 0]
@@ -150,8 +150,8 @@ def test_stl10(tmp_path: Path) -> None:
 
 def test_imagefolder(tmp_path: Path) -> None:
     root = _fake_imagefolder(tmp_path)
-    train = make_source("imagefolder", "train", root=root, image_size=16)
-    test = make_source("imagefolder", "test", root=root, image_size=(8, 12))
+    train = make_source("imagefolder", "train", data_root=root, image_size=16)
+    test = make_source("imagefolder", "test", data_root=root, image_size=(8, 12))
     assert train.num_classes == 3 and len(train) == 6 and train.image_shape == (3, 16, 16)
     x, y = train.get(torch.arange(6))
     assert x.shape == (6, 3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
@@ -163,7 +163,7 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert torch.allclose(x[0].mean(dim=(1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=0.02)
     xt, yt = test.get(torch.tensor([5, 0]))
     assert xt.shape == (2, 3, 8, 12) and yt.tolist() == [2, 0]
-    assert make_source("imagefolder", "train", root=root).image_shape == (3, 224, 224)
+    assert make_source("imagefolder", "train", data_root=root).image_shape == (3, 224, 224)
 
 
 def test_imagefolder_centre_crop(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_tiny_imagenet_val_layout(tmp_path: Path) -> None:
         Image.new("RGB", (8, 8)).save(tmp_path / "val" / "images" / f"val_{k}.png")
     (tmp_path / "val" / "val_annotations.txt").write_text("val_0.png\tn02\t0\t0\t8\t8\nval_1.png\tn01\t0\t0\t8\t8\n"
                                                           "val_2.png\tn02\t0\t0\t8\t8\n")
-    src = make_source("imagefolder", "test", root=tmp_path, image_size=8)
+    src = make_source("imagefolder", "test", data_root=tmp_path, image_size=8)
     assert src.num_classes == 2 and len(src) == 3
     assert src.get(torch.arange(3))[1].tolist() == [1, 0, 1]
 
@@ -196,7 +196,7 @@ def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
     root = _fake_imagefolder(tmp_path)
     bad = root / "train" / "bee" / "1.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    src = make_source("imagefolder", "train", root=root, image_size=8)
+    src = make_source("imagefolder", "train", data_root=root, image_size=8)
     src.get(torch.tensor([0, 1, 2]))
     index = [p for p, _ in src.samples].index(str(bad))
     with pytest.raises(ValueError, match="1.png") as err:
@@ -210,7 +210,7 @@ def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
 
 def test_missing_mnist_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as err:
-        make_source("mnist", "train", root=tmp_path / "nowhere")
+        make_source("mnist", "train", data_root=tmp_path / "nowhere")
     msg = str(err.value)
     assert str(Path("MNIST") / "raw" / "train-images-idx3-ubyte") in msg and "download=True" in msg
     assert "does not exist" in msg
@@ -218,22 +218,24 @@ def test_missing_mnist_files(tmp_path: Path) -> None:
 
 def test_missing_cifar_and_svhn_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*test_batch.*download=True"):
-        make_source("cifar10", "test", root=tmp_path)
+        make_source("cifar10", "test", data_root=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"test_32x32\.mat.*download=True"):
-        make_source("svhn", "test", root=tmp_path)
+        make_source("svhn", "test", data_root=tmp_path)
 
 
-def test_missing_root_kwarg() -> None:
-    for name in ("mnist", "cifar10", "imagefolder", "cluttered_mnist"):
-        with pytest.raises(TypeError, match="root="):
+def test_missing_data_root_names_the_argument_and_the_layout() -> None:
+    for name, layout in (("mnist", "MNIST/"), ("cifar10", "CIFAR10/"), ("imagefolder", "<class>"),
+                         ("cluttered_mnist", "MNIST/"), ("fashion_mnist", "apt-get install dataset-fashion-mnist")):
+        with pytest.raises(FileNotFoundError, match="data_root=<folder>") as err:
             make_source(name, "train")
+        assert layout in str(err.value)
 
 
 def test_missing_imagefolder_split(tmp_path: Path) -> None:
     (tmp_path / "train" / "a").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(tmp_path / "train" / "a" / "x.png")
     with pytest.raises(FileNotFoundError, match=r"val"):
-        make_source("imagefolder", "test", root=tmp_path)
+        make_source("imagefolder", "test", data_root=tmp_path)
 
 
 def test_unknown_dataset_lists_names() -> None:
@@ -246,11 +248,11 @@ def test_unknown_dataset_lists_names() -> None:
 def test_canvas_smaller_than_image_refused(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
     with pytest.raises(ValueError, match="canvas"):
-        make_source("mnist", "train", root=root, canvas=20)
+        make_source("mnist", "train", data_root=root, canvas=20)
     with pytest.raises(ValueError, match="canvas"):
-        make_source("mnist", "train", root=root, canvas=(60, 27))
+        make_source("mnist", "train", data_root=root, canvas=(60, 27))
     with pytest.raises(ValueError, match="fragment_size"):
-        make_source("mnist", "train", root=root, canvas=60, fragment_size=40)
+        make_source("mnist", "train", data_root=root, canvas=60, fragment_size=40)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,9 +268,9 @@ def _digit_windows(canvas: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
 
 def test_cluttered_mnist(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
-    src = make_source("cluttered_mnist", "train", root=root)
+    src = make_source("cluttered_mnist", "train", data_root=root)
     assert src.image_shape == (1, 60, 60) and src.num_classes == 10 and len(src) == 24
-    plain = make_source("mnist", "train", root=root)
+    plain = make_source("mnist", "train", data_root=root)
     idx = torch.tensor([0, 7, 13, 23])
     x, y = src.get(idx)
     digits, labels = plain.get(idx)
@@ -277,14 +279,14 @@ def test_cluttered_mnist(tmp_path: Path) -> None:
         assert canvas.max() >= digit.max()
         assert _digit_windows(canvas, digit).any()
         assert (canvas > 0).sum() > (digit > 0).sum()
-    big = make_source("cluttered_mnist", "test", root=root, canvas=100, fragments=8)
+    big = make_source("cluttered_mnist", "test", data_root=root, canvas=100, fragments=8)
     assert big.get(torch.arange(3))[0].shape == (3, 1, 100, 100)
 
 
 def test_canvas_without_fragments_holds_exactly_the_digit(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
-    x, _ = make_source("mnist", "test", root=root, canvas=(40, 50), fragments=0).get(torch.arange(5))
-    digits, _ = make_source("mnist", "test", root=root).get(torch.arange(5))
+    x, _ = make_source("mnist", "test", data_root=root, canvas=(40, 50), fragments=0).get(torch.arange(5))
+    digits, _ = make_source("mnist", "test", data_root=root).get(torch.arange(5))
     assert x.shape == (5, 1, 40, 50)
     assert torch.allclose(x.sum(dim=(1, 2, 3)), digits.sum(dim=(1, 2, 3)))
     assert all(_digit_windows(c, d).any() for c, d in zip(x, digits))
@@ -293,15 +295,15 @@ def test_canvas_without_fragments_holds_exactly_the_digit(tmp_path: Path) -> Non
 
 def test_canvas_is_deterministic_per_index(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
-    a = make_source("mnist", "train", root=root, canvas=60, fragments=4, seed=3)
-    b = make_source("mnist", "train", root=root, canvas=60, fragments=4, seed=3)
+    a = make_source("mnist", "train", data_root=root, canvas=60, fragments=4, seed=3)
+    b = make_source("mnist", "train", data_root=root, canvas=60, fragments=4, seed=3)
     xa, _ = a.get(torch.tensor([3, 1, 7]))
     xb, _ = b.get(torch.tensor([7, 0, 9, 3, 5, 1]))
     assert torch.equal(xa[0], xb[3]) and torch.equal(xa[1], xb[5]) and torch.equal(xa[2], xb[0])
     assert torch.equal(xa, a.get(torch.tensor([3, 1, 7]))[0])
-    other_seed = make_source("mnist", "train", root=root, canvas=60, fragments=4, seed=4)
+    other_seed = make_source("mnist", "train", data_root=root, canvas=60, fragments=4, seed=4)
     assert not torch.equal(xa, other_seed.get(torch.tensor([3, 1, 7]))[0])
-    test_split = make_source("mnist", "test", root=root, canvas=60, fragments=4, seed=3)
+    test_split = make_source("mnist", "test", data_root=root, canvas=60, fragments=4, seed=3)
     assert not torch.equal(a.get(torch.tensor([0]))[0], test_split.get(torch.tensor([0]))[0])
 
 
@@ -323,15 +325,15 @@ def test_fragments_come_from_other_images() -> None:
 def test_canvas_same_on_gpu(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
     idx = torch.tensor([4, 2, 11])
-    cpu, ycpu = make_source("cluttered_mnist", "train", root=root).get(idx)
-    gpu, ygpu = make_source("cluttered_mnist", "train", "cuda", root=root).get(idx.cuda())
+    cpu, ycpu = make_source("cluttered_mnist", "train", data_root=root).get(idx)
+    gpu, ygpu = make_source("cluttered_mnist", "train", "cuda", data_root=root).get(idx.cuda())
     assert gpu.device.type == "cuda" and torch.equal(cpu, gpu.cpu()) and torch.equal(ycpu, ygpu.cpu())
 
 
 def test_download_flag_is_a_no_op_when_files_exist(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
-    assert len(make_source("mnist", "train", root=root, download=True)) == 24
-    assert len(make_source("cifar10", "test", root=_fake_cifar10(tmp_path), download=True, verify=False)) == 4
+    assert len(make_source("mnist", "train", data_root=root, download=True)) == 24
+    assert len(make_source("cifar10", "test", data_root=_fake_cifar10(tmp_path), download=True, verify=False)) == 4
 
 
 def test_svhn_without_scipy_says_so(tmp_path: Path) -> None:
@@ -340,6 +342,6 @@ def test_svhn_without_scipy_says_so(tmp_path: Path) -> None:
     except ImportError:
         (tmp_path / "train_32x32.mat").write_bytes(b"")
         with pytest.raises(ImportError, match="pip install scipy"):
-            make_source("svhn", "train", root=tmp_path, verify=False)
+            make_source("svhn", "train", data_root=tmp_path, verify=False)
     else:
         pytest.skip("scipy is installed")

@@ -242,7 +242,7 @@ def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="continuous"):
         make(1, action="nope")
     with pytest.raises(ValueError, match="small_cnn"):
-        from gfenv.models import build_encoder
+        from gfenv.backbones import build_encoder
 
         build_encoder("nope", 1)
 

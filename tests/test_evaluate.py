@@ -284,7 +284,7 @@ def test_gfnet_checkpoint_report_is_printed_and_its_errors_exit_2(monkeypatch, c
             raise ValueError("not a GFNet checkpoint")
         return f"report of {path} on {data_root} ({device})"
 
-    monkeypatch.setitem(sys.modules, "gfenv.official", fake_module("gfenv.official", gfnet_checkpoint_report=report))
+    monkeypatch.setitem(sys.modules, "gfenv.eval.official", fake_module("gfenv.eval.official", gfnet_checkpoint_report=report))
     assert evaluate_agent.main(["--gfnet-checkpoint", "r50.pth.tar", "--data-root", "/data/imagenet"]) == 0
     assert "report of r50.pth.tar on /data/imagenet (cpu)" in capsys.readouterr().out
     assert evaluate_agent.main(["--gfnet-checkpoint", "bad.pth.tar"]) == 2

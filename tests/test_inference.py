@@ -5,7 +5,8 @@ import resource
 import pytest
 import torch
 
-from gfenv.models import build_encoder, encode
+from gfenv.backbones import build_encoder
+from gfenv.models import encode
 from gfenv.utils import keep_freed_memory
 
 

@@ -17,14 +17,9 @@ from torch import nn
 
 from gfenv.checkpoint import CheckpointError
 from gfenv.eval.evaluation import run_episodes
+from gfenv.eval.official import gfnet_agent, gfnet_checkpoint_report, gfnet_env
 from gfenv.glimpse import glance
-from gfenv.official import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    detect_arch,
-    gfnet_checkpoint_report,
-    load_gfnet_checkpoint,
-)
+from gfenv.official import IMAGENET_MEAN, IMAGENET_STD, detect_arch, load_gfnet_checkpoint
 
 PATCH, STEPS, CLASSES, FC_HIDDEN, POLICY_HIDDEN = 32, 3, 10, 24, 16
 
@@ -139,7 +134,7 @@ def test_loaded_checkpoint_gives_the_official_modules_outputs(official):
         ours.append(logits)
     torch.testing.assert_close(torch.stack(ours), parts["fc"](feats))
 
-    agent = ckpt.agent()
+    agent = gfnet_agent(ckpt)
     obs = torch.randn(STEPS - 1, 2, *ckpt.map_shape)  # (L, B, D, h, w)
     hidden = torch.zeros(2, agent.config.hidden_size)
     means, values = [], []
@@ -161,9 +156,9 @@ def test_env_episode_matches_gfnets_inference_loop(official, tensor_images):
     ckpt = load_gfnet_checkpoint(path, arch=arch)
     torch.manual_seed(2)
     images = torch.rand(3, 3, 80, 80)
-    env = ckpt.make_env(source=tensor_images(images, torch.tensor([0, 1, 2]), CLASSES), num_envs=3,
+    env = gfnet_env(ckpt, source=tensor_images(images, torch.tensor([0, 1, 2]), CLASSES), num_envs=3,
                         sampling="sequential", autoreset_mode=AutoresetMode.DISABLED)
-    agent = ckpt.agent()
+    agent = gfnet_agent(ckpt)
     obs, _ = env.reset(seed=0)
     agent.reset(env)
     ours = [env.probs.clone()]
@@ -263,9 +258,9 @@ def test_report_reevaluates_on_an_imagefolder(tmp_path):
     assert f"6 images of {tmp_path / 'imagenet'}" in line
     printed = line.removeprefix("top-1 (%)").split("(")[0].split()
     ckpt = load_gfnet_checkpoint(path)
-    env = ckpt.make_env(tmp_path / "imagenet", num_envs=6, sampling="sequential",
+    env = gfnet_env(ckpt, tmp_path / "imagenet", num_envs=6, sampling="sequential",
                         autoreset_mode=AutoresetMode.DISABLED)
-    expected = run_episodes(ckpt.agent(), env, 6, seed=0)["accuracy"]
+    expected = run_episodes(gfnet_agent(ckpt), env, 6, seed=0)["accuracy"]
     assert printed == [f"{a:.2f}" for a in expected] and len(printed) == STEPS
 
 

@@ -12,12 +12,13 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.torch_layers import CombinedExtractor
 
-from agents import AGENTS, SB3_SPECS, SB3Agent, is_learned, load_agent, make_agent
+from agents import AGENTS, SB3_SPECS, SB3Agent, is_learned, make_agent
 from agents.features import GlanceFocusExtractor
 from agents.sb3_agents import parse_policy_kwargs, sb3_kwargs
 from gfenv import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import evaluate
 from gfenv.flops import count_macs
+from gfenv.train.runs import load_agent
 from gfenv.train.stage2 import load_hyperparams
 
 PPO_TINY = {"n_steps": 8, "batch_size": 16, "n_epochs": 1}

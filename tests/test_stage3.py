@@ -129,7 +129,8 @@ def test_saved_checkpoint_gives_the_finetuned_predictions(tmp_path):
 
 
 @pytest.mark.parametrize("options, changed", [
-    ({}, {"classifier"}),
+    ({}, {"classifier", "focus_encoder"}),  # GFNet's stage 3: the classifier and the focus encoder
+    ({"train_focus": False}, {"classifier"}),
     ({"train_focus": True, "train_glance": True}, {"classifier", "focus_encoder", "glance_encoder"}),
     ({"train_classifier": False, "train_focus": True}, {"focus_encoder"}),
 ])
@@ -162,7 +163,8 @@ def test_finetune_with_a_baseline_agent_saves_a_checkpoint_the_env_loads(tmp_pat
     shipped, _ = load_model(DEFAULT_CHECKPOINT)
     assert meta["stage"] == 3 and meta["agent"] == "center" and meta["updates"] == 2 and meta["episodes"] == 64
     assert not torch.equal(_weights(model.classifier), _weights(shipped.classifier))
-    assert torch.equal(_weights(model.focus_encoder), _weights(shipped.focus_encoder))
+    assert not torch.equal(_weights(model.focus_encoder), _weights(shipped.focus_encoder))
+    assert torch.equal(_weights(model.glance_encoder), _weights(shipped.glance_encoder))
     env = GlanceFocusVectorEnv(num_envs=2, checkpoint=path, dataset_kwargs=SMALL["dataset_kwargs"])
     assert torch.equal(_weights(env.model.classifier), _weights(model.classifier))
     argv = ["--agents", "center", "--episodes", "8", "--num-envs", "8", "--no-progress", "--env-kwargs",
@@ -229,7 +231,7 @@ def test_joint_mode_ppo_learns_while_the_classifier_adapts():
 
 def test_config_and_finetune_refuse_bad_settings():
     with pytest.raises(ValueError, match="nothing to train"):
-        Stage3Config(train_classifier=False)
+        Stage3Config(train_classifier=False, train_focus=False)
     with pytest.raises(ValueError, match="mode"):
         Stage3Config(mode="both")
     with pytest.raises(ValueError, match="joint"):

@@ -127,7 +127,7 @@ def test_a_checkpoint_of_another_task_is_refused(tmp_path):
 def test_cli_config_takes_the_task_and_the_stage1_backbone():
     cfg = static_config({"dataset": "glyphs", "canvas": 64, "data_root": "/d", "checkpoint": "default",
                          "patch_size": 32}, {"lr": 0.1}, epochs=3.0, batch_size=None)
-    assert cfg.dataset_kwargs == {"canvas": 64, "root": "/d"} and cfg.backbone == "small_cnn"
+    assert cfg.dataset_kwargs == {"canvas": 64, "data_root": "/d"} and cfg.backbone == "small_cnn"
     assert (cfg.lr, cfg.epochs, cfg.batch_size) == (0.1, 3.0, StaticConfig.batch_size)
     with pytest.raises(ValueError, match="disagrees with the stage-1 checkpoint"):
         static_config({"checkpoint": "default", "backbone": "resnet18"})

@@ -9,10 +9,11 @@ import pytest
 import torch
 import yaml
 
-from agents import SB3_SPECS, SB3Agent, load_agent
+from agents import SB3_SPECS, SB3Agent
 from gfenv import GlanceFocusVectorEnv
 from gfenv.cli import train as train_agent
 from gfenv.sb3 import SB3VecEnv
+from gfenv.train.runs import load_agent
 from gfenv.train.stage2 import HYPERPARAMS_DIR, PolicyTrainingConfig, resolve_config
 
 QUIET = ["--no-progress", "--eval-freq", "-1", "--checkpoint-freq", "0"]
@@ -112,7 +113,7 @@ def test_yml_env_kwargs_and_cli_env_kwargs():
     assert resolve_config(PolicyTrainingConfig(agent="ppo"))["env_kwargs"] == {"action": "grid"}
     cfg = PolicyTrainingConfig(agent="ppo", env_kwargs={"action": "continuous", "train_size": 64}, num_envs=3)
     config = resolve_config(cfg)
-    assert config["env_kwargs"] == {"action": "continuous", "dataset_kwargs": {"train_size": 64}}
+    assert config["env_kwargs"] == {"action": "continuous", "train_size": 64}  # one flat way to name the task
     assert config["num_envs"] == 3 and config["timesteps"] == 100_000 and "n_envs" not in config["hyperparams"]
 
 
@@ -127,8 +128,9 @@ def test_default_run_dirs_count_up(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--agent", "maskable_ppo", "--env-kwargs", "action=continuous"],
      "maskable_ppo needs action='grid' or 'grid+stop'"),
-    (["--env-kwargs", "dataset=glyphs", "train_size=64"],
-     "python train_agent.py --stage 1 --env-kwargs dataset=glyphs train_size=64"),
+    (["--env-kwargs", "dataset=glyphs", "canvas=64"],
+     "python train_agent.py --stage 1 --env-kwargs dataset=glyphs canvas=64 patch_size=32 steps=5 backbone=small_cnn "
+     "--run-dir runs/stage1/glyphs_canvas64\nthen pass checkpoint=runs/stage1/glyphs_canvas64/model.pt"),
     (["--agent", "random"], "fixed baseline"),
     (["--hyperparams", "learning_rat=1"], "Unknown ppo hyperparameter(s) learning_rat"),
     (["--resume"], "no config.yml"),

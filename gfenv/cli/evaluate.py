@@ -26,13 +26,12 @@ from typing import Any
 import gymnasium
 import yaml
 
-from agents import AGENTS, load_agent, make_agent
-from agents.learned import run_folder
+from agents import AGENTS, make_agent
 from gfenv import ENV_ID
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.eval.evaluation import benchmark, format_table, render_episodes
+from gfenv.eval.evaluation import benchmark, format_table, oracle_normalised, render_episodes
 from gfenv.eval.leaderboard import LEGEND, format_budgeted, leaderboard_rows, markdown_leaderboard, markdown_report
-from gfenv.train.pipeline import oracle_normalised
+from gfenv.train.runs import load_agent, run_folder
 from gfenv.utils import keep_freed_memory, parse_kv
 
 REFERENCES = ("random", "oracle")
@@ -294,7 +293,7 @@ def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seed
 
 def gfnet_checkpoint(args: argparse.Namespace) -> int:
     try:
-        from gfenv.official import gfnet_checkpoint_report
+        from gfenv.eval.official import gfnet_checkpoint_report
 
         print(gfnet_checkpoint_report(args.gfnet_checkpoint, data_root=args.data_root, device=args.device))
     except (ValueError, FileNotFoundError) as err:

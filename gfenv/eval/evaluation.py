@@ -223,6 +223,13 @@ def benchmark(make_agents: Callable[[int], dict[str, AgentLike]], env_kwargs: di
     return summarise_seeds(per_seed)
 
 
+def oracle_normalised(results: dict[str, dict], random: str = "random", oracle: str = "oracle") -> dict[str, list]:
+    """(agent - random) / (oracle - random) per step, in percent; NaN where oracle and random tie."""
+    r, o = results[random]["accuracy"], results[oracle]["accuracy"]
+    return {name: [100.0 * (a - ra) / (oa - ra) if oa != ra else float("nan")
+                   for a, ra, oa in zip(res["accuracy"], r, o)] for name, res in results.items()}
+
+
 def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
     values = torch.tensor(rows, dtype=torch.float64)  # (seeds, T)
     std = values.std(0) if len(rows) > 1 else torch.zeros(values.shape[1], dtype=torch.float64)

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agents.base import make_agent
-from gfenv.eval.evaluation import evaluate, format_table
+from gfenv import ENV_ID
+from gfenv.eval.evaluation import evaluate, format_table, oracle_normalised
+from gfenv.train.runs import read_config, stage3_checkpoint
 from gfenv.train.stage2 import PolicyTrainingConfig, train_policy
-from gfenv.train.stage3 import Stage3Config, finetune
+from gfenv.train.stage3 import STAGE3_EPISODES, Stage3Config, finetune
 
 BASELINES = ("random", "center", "oracle")
 
@@ -25,16 +25,18 @@ class PipelineConfig:
     """The main job's settings; the defaults finish in under 10 minutes on a 2-core CPU."""
 
     agent: str = "ppo"
-    """Learned agent for stage 2 (its hyperparameters come from ``hyperparams/<agent>.yml``)."""
+    """Learned agent for stage 2 (its hyperparameters come from ``gfenv/train/hyperparams/<agent>.yml``)."""
+    env_id: str = ENV_ID
+    """The registered task (its words are the env's defaults; it picks the hyperparameter block)."""
     env_kwargs: dict = field(default_factory=dict)
-    """Task settings (default: the embedded cluttered-glyphs task with the shipped stage-1 encoders)."""
+    """Env words over the task's (default: the embedded cluttered-glyphs task with the shipped stage-1 encoders)."""
     timesteps: int | None = None
     """Stage-2 training timesteps; default the agent's ``n_timesteps`` in ``hyperparams/<agent>.yml`` (PPO on the
     default task: 100,000)."""
-    stage3_episodes: int = 8192
+    stage3_episodes: int = STAGE3_EPISODES
     """Train images the stage-3 fine-tuning runs the policy on."""
-    stage3: dict = field(default_factory=lambda: {"classifier_lr": 0.01, "train_focus": True, "encoder_lr": 0.001})
-    """``Stage3Config`` fields for the fine-tuning."""
+    stage3: dict = field(default_factory=dict)
+    """``Stage3Config`` fields over its defaults (GFNet's: the classifier and the focus encoder, classifier lr 0.01)."""
     episodes: int = 2000
     """Test images of the final evaluation (the first ones of the split, the same for every agent)."""
     seed: int = 0
@@ -45,33 +47,25 @@ class PipelineConfig:
     """Progress bars."""
 
 
-def oracle_normalised(results: dict[str, dict], random: str = "random", oracle: str = "oracle") -> dict[str, list]:
-    """(agent - random) / (oracle - random) per step, in percent; NaN where oracle and random tie."""
-    r, o = results[random]["accuracy"], results[oracle]["accuracy"]
-    return {name: [100.0 * (a - ra) / (oa - ra) if oa != ra else float("nan")
-                   for a, ra, oa in zip(res["accuracy"], r, o)] for name, res in results.items()}
-
-
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
     """Stages 2 and 3 and the evaluation; everything lands in ``run_dir`` (``results.json``, ``results.md``)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    policy = train_policy(PolicyTrainingConfig(agent=cfg.agent, env_kwargs=dict(cfg.env_kwargs),
+    policy = train_policy(PolicyTrainingConfig(agent=cfg.agent, env_id=cfg.env_id, env_kwargs=dict(cfg.env_kwargs),
                                                timesteps=cfg.timesteps, seed=cfg.seed, device=cfg.device,
-                                               eval_freq=-1, checkpoint_freq=0, progress=cfg.progress),
-                          run_dir / "stage2")
-    # the budget stage 2 used (the yml's n_timesteps when cfg.timesteps is None), as its config.yml records it
-    timesteps = yaml.safe_load((run_dir / "stage2" / "config.yml").read_text())["timesteps"]
+                                               eval_freq=-1, checkpoint_freq=0, progress=cfg.progress), run_dir)
+    config = read_config(run_dir)  # what stage 2 resolved: the task's words, the budget (the yml's by default)
+    env_kwargs, timesteps = {k: v for k, v in config["env_kwargs"].items()}, config["timesteps"]
     t2 = time.time()
-    stage3_path = finetune(policy, dict(cfg.env_kwargs), cfg.stage3_episodes,
-                           Stage3Config(seed=cfg.seed, **cfg.stage3), seed=cfg.seed, device=cfg.device,
-                           progress=cfg.progress, path=run_dir / "stage3" / "model.pt")
+    stage3_path = finetune(policy, env_kwargs, cfg.stage3_episodes, Stage3Config(seed=cfg.seed, **cfg.stage3),
+                           seed=cfg.seed, device=cfg.device, progress=cfg.progress, path=stage3_checkpoint(run_dir))
     t3 = time.time()
     baselines = {name: make_agent(name, seed=cfg.seed) for name in BASELINES}
-    stage2 = evaluate({f"{cfg.agent} (stage 2)": policy, **baselines}, dict(cfg.env_kwargs), cfg.episodes, cfg.seed,
+    task = {k: v for k, v in env_kwargs.items() if k not in ("action", "observation")}  # the agents bring their own
+    stage2 = evaluate({f"{cfg.agent} (stage 2)": policy, **baselines}, task, cfg.episodes, cfg.seed,
                       device=cfg.device, progress=cfg.progress)
-    stage3 = evaluate({f"{cfg.agent} (stage 3)": policy}, {**cfg.env_kwargs, "checkpoint": str(stage3_path)},
+    stage3 = evaluate({f"{cfg.agent} (stage 3)": policy}, {**task, "checkpoint": str(stage3_path)},
                       cfg.episodes, cfg.seed, device=cfg.device, progress=cfg.progress)
     results = {**stage2, **stage3}
     score = oracle_normalised(results)

@@ -42,7 +42,9 @@ class Stage1Config:
     dataset: str = "glyphs"
     """Dataset name from ``gfenv.data.DATASETS``."""
     dataset_kwargs: dict = field(default_factory=dict)
-    """Extra keyword arguments for the dataset (``root=...`` for real data, canvas, ...)."""
+    """The dataset's settings (``data_root=...`` for real data, canvas, fragments, ...)."""
+    env_id: str | None = None
+    """The registered task these settings name, recorded in the checkpoint with them (later stages read both)."""
     backbone: str = "small_cnn"
     """Encoder backbone (``gfenv.models.BACKBONES``)."""
     classifier: str = "gru"
@@ -90,6 +92,12 @@ class Stage1Config:
     processes; under torchrun rank r draws its patch locations from a seed of its own, ``dist.rank_seed``)."""
     device: str = "cpu"
     """``cpu``, ``cuda`` or ``cuda:N`` (under torchrun ``cuda`` is ``cuda:LOCAL_RANK``)."""
+
+    def task(self) -> dict:
+        """The task in the env's flat words, as the checkpoint records it."""
+        return {"dataset": self.dataset, **self.dataset_kwargs,
+                **{k: getattr(self, k) for k in ("patch_size", "steps", "backbone", "classifier", "hidden",
+                                                  "glance_mode")}}
 
     def model_config(self, num_classes: int, in_channels: int) -> ModelConfig:
         return ModelConfig(num_classes=num_classes, in_channels=in_channels, patch_size=self.patch_size,
@@ -271,7 +279,8 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
         writer.close()
         save_checkpoint(out, {"format": "gfenv-model-v1", "config": model.config.to_dict(),
                               "model": model.state_dict(),
-                              "meta": {"stage": 1, "dataset": cfg.dataset, "dataset_kwargs": cfg.dataset_kwargs,
+                              "meta": {"stage": 1, "env": cfg.env_id, "task": cfg.task(), "dataset": cfg.dataset,
+                                       "dataset_kwargs": cfg.dataset_kwargs,
                                        "iterations": it, "seconds": round(time.time() - t0, 1),
                                        "processes": world, "test_accuracy_random": [round(a, 2) for a in acc]}})
         print(f"stage 1 done in {time.time() - t0:.0f} s on {world} process(es); test accuracy per step (random "

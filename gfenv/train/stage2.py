@@ -6,7 +6,6 @@ Hyperparameters come rl-baselines3-zoo style from ``hyperparams/<agent>.yml`` (`
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,15 +20,16 @@ from agents.base import make_agent
 from agents.learned import LearnedAgent, is_learned, learned_agent_class, learned_agent_names
 from gfenv import ENV_ID
 from gfenv.cache import cover_episodes
-from gfenv.env import GlanceFocusVectorEnv, resolve_checkpoint
+from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import run_episodes
+from gfenv.task import canonical_words, resolve_task, task_words
+from gfenv.train.runs import CONFIG, read_config, write_config
 
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 TRAINER_KEYS = ("n_envs", "n_timesteps", "env_kwargs")
 DEFAULT_AGENT = "ppo"
 DEFAULT_NUM_ENVS = 64
 DEFAULT_TIMESTEPS = 100_000
-ENV_PARAMS = frozenset(inspect.signature(GlanceFocusVectorEnv).parameters)
 MAX_EVAL_ENVS = 250
 
 
@@ -66,77 +66,35 @@ class PolicyTrainingConfig:
 
 
 # ------------------------------------------------------------------------------------------------- configuration
+def _hyperparams_file(agent: str, folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / f"{agent}.yml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def load_hyperparams(agent: str, env_id: str = ENV_ID, overrides: dict | None = None,
                      folder: str | os.PathLike = HYPERPARAMS_DIR) -> dict[str, Any]:
     """``<folder>/<agent>.yml``'s ``default`` block, then its ``env_id`` block, then ``overrides``; ``env_kwargs``
-    are merged key by key. A missing file gives the algorithm's own defaults."""
-    path = Path(folder) / f"{agent}.yml"
-    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    are merged key by key (``hyperparams_source`` says which blocks there were). A missing file gives the
+    algorithm's own defaults."""
+    data = _hyperparams_file(agent, folder)
     merged: dict[str, Any] = {}
     for block in (data.get("default") or {}, data.get(env_id) or {}, overrides or {}):
         for key, value in block.items():
             if key == "env_kwargs":
-                merged["env_kwargs"] = {**merged.get("env_kwargs", {}), **(value or {})}
+                merged["env_kwargs"] = {**merged.get("env_kwargs", {}), **canonical_words(value or {})}
             else:
                 merged[key] = value
     return merged
 
 
-def fold_env_kwargs(env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Env kwargs with the keys ``GlanceFocusVectorEnv`` does not take moved into ``dataset_kwargs`` (stage 1's
-    ``--env-kwargs train_size=64`` names the same task for stage 2)."""
-    out = {k: v for k, v in env_kwargs.items() if k in ENV_PARAMS}
-    dataset_kwargs = out.get("dataset_kwargs") or {}
-    if isinstance(dataset_kwargs, str):
-        dataset_kwargs = yaml.safe_load(dataset_kwargs)
-    dataset_kwargs = {**dataset_kwargs, **{k: v for k, v in env_kwargs.items() if k not in ENV_PARAMS}}
-    if dataset_kwargs:
-        out["dataset_kwargs"] = dataset_kwargs
-    return out
-
-
-def check_stage1_checkpoint(env_kwargs: dict[str, Any]) -> None:
-    """FileNotFoundError with the stage-1 command to run when the task has no checkpoint (see resolve_checkpoint)."""
-    dataset_kwargs = dict(env_kwargs.get("dataset_kwargs") or {})
-    if env_kwargs.get("data_root") is not None:
-        dataset_kwargs["root"] = env_kwargs["data_root"]
-    path = resolve_checkpoint(env_kwargs.get("checkpoint"), env_kwargs.get("dataset", "glyphs"), dataset_kwargs)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"Stage-1 checkpoint not found: {path}.")
-
-
-def env_name(env_id: str) -> str:
-    """``gfenv/GlanceFocus-v0`` -> ``GlanceFocus-v0``."""
-    return env_id.rsplit("/", 1)[-1]
-
-
-def run_dirs(agent: str, env_id: str, root: str | os.PathLike = "runs") -> list[Path]:
-    """Existing ``<root>/<agent>/<env-name>_<n>`` folders, by n."""
-    base, prefix = Path(root) / agent, f"{env_name(env_id)}_"
-    found = [p for p in base.glob(f"{prefix}*") if p.is_dir() and p.name[len(prefix):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(prefix):]))
-
-
-def next_run_dir(agent: str, env_id: str, root: str | os.PathLike = "runs") -> Path:
-    """``<root>/<agent>/<env-name>_<n>`` with n the next free integer (from 1)."""
-    existing = run_dirs(agent, env_id, root)
-    n = int(existing[-1].name.rsplit("_", 1)[-1]) + 1 if existing else 1
-    return Path(root) / agent / f"{env_name(env_id)}_{n}"
-
-
-def choose_run_dir(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike | None, resume: bool,
-                   root: str | os.PathLike = "runs") -> Path:
-    """``run_dir`` if given; else the agent's next free run folder, or its latest one to resume."""
-    if run_dir is not None:
-        return Path(run_dir)
-    agent = cfg.agent or DEFAULT_AGENT
-    if not resume:
-        return next_run_dir(agent, cfg.env_id, root)
-    runs = run_dirs(agent, cfg.env_id, root)
-    if not runs:
-        raise FileNotFoundError(f"--resume: no run of {agent} on {cfg.env_id} under {Path(root) / agent}; pass "
-                                f"--run-dir or start without --resume.")
-    return runs[-1]
+def hyperparams_source(agent: str, env_id: str, folder: str | os.PathLike = HYPERPARAMS_DIR) -> str:
+    """Where ``load_hyperparams`` took its values from, for the run's ``config.yml`` and its first printed line."""
+    data = _hyperparams_file(agent, folder)
+    if not data:
+        return f"no {agent}.yml in {folder}: the algorithm's own defaults"
+    if env_id in data:
+        return f"{agent}.yml: the default block, then the {env_id} block"
+    return f"{agent}.yml: the default block only (it has no {env_id} block)"
 
 
 # ------------------------------------------------------------------------------------------------------ callbacks
@@ -211,25 +169,17 @@ def resolve_config(cfg: PolicyTrainingConfig) -> dict[str, Any]:
     if cfg.env_id not in gymnasium.registry:
         raise ValueError(f"Unknown env id {cfg.env_id!r}.")
     hyperparams = load_hyperparams(agent, cfg.env_id, cfg.hyperparams)
-    env_kwargs = fold_env_kwargs({**gymnasium.spec(cfg.env_id).kwargs, **hyperparams.pop("env_kwargs", {}),
-                                  **cfg.env_kwargs})
+    env_kwargs = {**canonical_words(gymnasium.spec(cfg.env_id).kwargs), **hyperparams.pop("env_kwargs", {}),
+                  **canonical_words(cfg.env_kwargs)}
     num_envs = int(cfg.num_envs or hyperparams.pop("n_envs", DEFAULT_NUM_ENVS))
     timesteps = int(cfg.timesteps or hyperparams.pop("n_timesteps", DEFAULT_TIMESTEPS))
     for key in TRAINER_KEYS:
         hyperparams.pop(key, None)
     return {"agent": agent, "env": cfg.env_id, "env_kwargs": env_kwargs, "hyperparams": hyperparams,
+            "hyperparams_from": hyperparams_source(agent, cfg.env_id),
             "seed": cfg.seed, "num_envs": num_envs, "timesteps": timesteps, "device": cfg.device,
             "eval": {"eval_freq": cfg.eval_freq, "eval_episodes": cfg.eval_episodes,
                      "checkpoint_freq": cfg.checkpoint_freq}}
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with everything YAML cannot write plainly (classes, schedules, paths) as its ``str``."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _suffix(agent: LearnedAgent) -> str:
@@ -248,16 +198,17 @@ def train_policy(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike, resume: 
     if resume:
         agent, config = _resume(cfg, run_dir)
     else:
-        if (run_dir / "config.yml").exists():
+        if (run_dir / CONFIG).exists():
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume or pick another --run-dir.")
         config = resolve_config(cfg)
-        check_stage1_checkpoint(config["env_kwargs"])
+        resolve_task(task_words(config["env_kwargs"]))  # no stage-1 checkpoint: the error gives the command that trains one
         agent = make_agent(config["agent"], env_kwargs=config["env_kwargs"], num_envs=config["num_envs"], seed=cfg.seed,
                            device=cfg.device, hyperparams=config["hyperparams"], tensorboard_log=str(run_dir / "tb"))
         config["env_kwargs"] = dict(agent.env_kwargs)
-    print(f"stage 2: {summary(config)} -> {run_dir}" + (f" (resumed at {agent.num_timesteps})" if resume else ""))
+    print(f"stage 2: {summary(config)} -> {run_dir}" + (f" (resumed at {agent.num_timesteps})" if resume else "")
+          + f"\n  hyperparameters: {config.get('hyperparams_from', '?')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    write_config(run_dir, config)
     suffix = _suffix(agent)
     evaluator = EvalOnTestSplit(run_dir, suffix, config["env_kwargs"], cfg.eval_freq, cfg.eval_episodes,
                                 config["seed"], cfg.device)
@@ -284,10 +235,9 @@ def train_policy(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike, resume: 
 
 
 def _resume(cfg: PolicyTrainingConfig, run_dir: Path) -> tuple[LearnedAgent, dict[str, Any]]:
-    config_file = run_dir / "config.yml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--resume: no config.yml in {run_dir}; start without --resume.")
-    config = yaml.safe_load(config_file.read_text())
+    if not (run_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"--resume: no {CONFIG} in {run_dir}; start without --resume.")
+    config = read_config(run_dir)
     if cfg.agent is not None and cfg.agent != config["agent"]:
         raise ValueError(f"--resume: {run_dir} trains {config['agent']!r}, not {cfg.agent!r}.")
     cls = learned_agent_class(config["agent"])

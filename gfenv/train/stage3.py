@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
 
 MODES = ("frozen", "joint")
+STAGE3_EPISODES = 8192
+"""Train images stage 3 runs the policy on by default (the main job's and ``train_agent.py --stage 3``'s)."""
 FIXED_ENV_KWARGS = ("split", "num_envs", "device", "seed", "autoreset_mode")
 
 
@@ -48,8 +50,9 @@ class Stage3Config:
     the checkpoint."""
     train_classifier: bool = True
     """Fine-tune the classifier f_C."""
-    train_focus: bool = False
-    """Also fine-tune the focus encoder f_L and its deep-supervision head."""
+    train_focus: bool = True
+    """Also fine-tune the focus encoder f_L and its deep-supervision head (GFNet's stage 3 trains the encoders and
+    the classifier; False: the classifier alone)."""
     train_glance: bool = False
     """Also fine-tune the glance encoder f_G and its deep-supervision head."""
     classifier_lr: float = 0.01
@@ -349,7 +352,7 @@ def sampling_act(agent: AgentLike) -> Callable[[Any, Any], torch.Tensor]:
     return agent.act
 
 
-def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episodes: int = 10_000,
+def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episodes: int = STAGE3_EPISODES,
              config: Stage3Config | None = None, seed: int = 0, device: str | torch.device = "cpu",
              progress: bool = True, path: str | Path = "runs/stage3/model.pt", num_envs: int = 64) -> Path:
     """GFNet's stage 3 in frozen mode: run ``agent`` (anything with ``reset(env)``/``act(obs, env)``) with sampled
@@ -409,5 +412,6 @@ def _finetune(agent: AgentLike, kwargs: dict[str, Any], episodes: int, config: S
                 bar.set_postfix(loss=f"{wrapper.losses[-1]:.3f}", updates=wrapper.updates)
     wrapper.flush()
     plain = {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in kwargs.items()}
-    meta = {"agent": getattr(agent, "name", type(agent).__name__), "env_kwargs": plain, "seed": seed}
+    meta = {"agent": getattr(agent, "name", type(agent).__name__), "env_kwargs": plain, "seed": seed,
+            "env": env.task.env_id, "task": env.task.words}
     return wrapper.save(path, meta)

@@ -12,7 +12,6 @@ The checkpoint is ``{"format": "gfenv-static-v1", "config": {...}, "model": stat
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -24,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gfenv.backbones import build_encoder
 from gfenv.checkpoint import CheckpointError, _load_state_strict, load_checkpoint, save_checkpoint
 from gfenv.data import ImageSource, make_source
-from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
-from gfenv.models import build_encoder
+from gfenv.task import resolve_task, task_words
 from gfenv.train.common import EpochOrder, autocast_dtype, load_training_state, make_optimizer, seed_everything
 
 STATIC_FORMAT = "gfenv-static-v1"
@@ -112,25 +111,19 @@ def static_config(env_kwargs: dict[str, Any], hyperparams: dict[str, Any] | None
     ``dataset_kwargs``, ``backbone``; other keys that are not env settings are dataset kwargs), ``checkpoint`` (a
     stage-1 model) lends its backbone, ``hyperparams`` set ``StaticConfig`` fields, ``overrides`` (not None) win."""
     cfg = StaticConfig()
-    kw = dict(env_kwargs)
-    cfg.dataset = kw.pop("dataset", cfg.dataset)
-    dataset_kwargs = {k: v for k, v in kw.items() if k not in _ENV_PARAMS}
-    dataset_kwargs.update(kw.get("dataset_kwargs") or {})
-    if kw.get("data_root") is not None:
-        dataset_kwargs["root"] = kw["data_root"]
-    cfg.dataset_kwargs = dataset_kwargs
-    if kw.get("checkpoint") is not None:
-        from gfenv.env import resolve_checkpoint
-
-        path = resolve_checkpoint(kw["checkpoint"], cfg.dataset, dataset_kwargs)
-        stage1 = load_checkpoint(path).get("config") or {}
+    words = task_words(env_kwargs)
+    spec = resolve_task(words, need_checkpoint=False)
+    cfg.dataset, cfg.dataset_kwargs = spec.dataset, spec.source_kwargs
+    backbone = spec.model_words.get("backbone")
+    if "checkpoint" in words:
+        stage1 = load_checkpoint(spec.checkpoint).get("config") or {}
         cfg.backbone = stage1.get("backbone", cfg.backbone)
         cfg.backbone_kwargs = dict(stage1.get("backbone_kwargs") or {})
-        if kw.get("backbone") is not None and kw["backbone"] != cfg.backbone:
-            raise ValueError(f"backbone={kw['backbone']!r} disagrees with the stage-1 checkpoint {path}, which has "
-                             f"backbone={cfg.backbone!r}; drop one of them.")
-    elif kw.get("backbone") is not None:
-        cfg.backbone = kw["backbone"]
+        if backbone is not None and backbone != cfg.backbone:
+            raise ValueError(f"backbone={backbone!r} disagrees with the stage-1 checkpoint {spec.checkpoint}, which "
+                             f"has backbone={cfg.backbone!r}; drop one of them.")
+    elif backbone is not None:
+        cfg.backbone = backbone
     fields = set(StaticConfig.__dataclass_fields__)
     for key, value in (hyperparams or {}).items():
         if key not in fields:
@@ -215,23 +208,13 @@ def load_static(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     return model.to(device).eval(), dict(payload.get("meta") or {})
 
 
-# env kwargs that name the data (mapped onto the source like the env does); the rest configure the env only
-_ENV_PARAMS = set(inspect.signature(GlanceFocusVectorEnv).parameters) - {"model", "source"}
-
-
 def source_from_env_kwargs(env_kwargs: dict[str, Any], split: str, device: str | torch.device) -> ImageSource:
     """The image source the env builds from ``env_kwargs`` (``dataset``, ``data_root``, ``dataset_kwargs``)."""
-    unknown = sorted(set(env_kwargs) - _ENV_PARAMS)
-    if unknown:
-        raise ValueError(f"Unknown env kwarg(s) {unknown}; valid: {', '.join(sorted(_ENV_PARAMS))}.")
     fixed = sorted(set(FIXED_ENV_KWARGS) & set(env_kwargs))
     if fixed:
         raise ValueError(f"evaluate_static sets {', '.join(fixed)} itself (the split's first images, in order); "
                          f"drop them from the env kwargs.")
-    dataset_kwargs = dict(env_kwargs.get("dataset_kwargs") or {})
-    if env_kwargs.get("data_root") is not None:
-        dataset_kwargs["root"] = env_kwargs["data_root"]
-    return make_source(env_kwargs.get("dataset", "glyphs"), split, device, **dataset_kwargs)
+    return resolve_task(task_words(env_kwargs), need_checkpoint=False).source(split, device)
 
 
 def check_task(model: StaticClassifier, source: ImageSource, where: str, env_kwargs: dict | None = None) -> None:
