@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
+from gfenv.rollout import check_action_mode
 
 
 class Agent:
-    """Base class for agents (``gfenv.eval.evaluation.AgentLike`` is the duck type the evaluator needs).
+    """Base class for agents (``gfenv.rollout.AgentLike`` is the duck type playing needs).
 
     ``reset(env)`` is called when a batch of episodes starts and ``act(obs, env)`` once per env step; ``act``
     returns actions on ``env.device``: (N,) long for the grid modes, (N, 2) float in [-1, 1] for ``continuous``.
@@ -44,17 +45,6 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, seed={self.seed!r})"
-
-
-def check_action_mode(agent: Any, action_mode: str) -> None:
-    """ValueError unless ``agent.supported_actions`` holds ``action_mode``; the message says which mode to use."""
-    supported = getattr(agent, "supported_actions", None)
-    if supported is None or action_mode in supported:
-        return
-    usable = [m for m in ACTION_MODES if m in supported] or sorted(supported)
-    name = getattr(agent, "name", type(agent).__name__)
-    raise ValueError(f"Agent {name!r} does not support action mode {action_mode!r}; build the env with "
-                     f"action={usable[0]!r} (supported: {', '.join(usable)}).")
 
 
 AgentBuilder = Callable[..., Agent]

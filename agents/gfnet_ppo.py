@@ -19,15 +19,14 @@ from gymnasium.vector.vector_env import AutoresetMode
 from torch import nn
 from tqdm.auto import tqdm
 
-from agents.base import check_action_mode, register_agent
+from agents.base import register_agent
 from agents.learned import LearnedAgent
 from gfenv.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.eval.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
+from gfenv.rollout import FIXED_ENV_KWARGS, check_action_mode, play_batch
 
 FORMAT = "gfenv-gfnet-ppo-v1"
-RESERVED_ENV_KWARGS = (*FIXED_ENV_KWARGS, "seed", "render_mode", "model", "source")
 RETURN_EPS = 1e-5
 GFNET_LINEAR_WIDTH = 2048  # the first layer of GFNet's ResNet/DenseNet state encoder
 
@@ -313,26 +312,27 @@ class GFNetPPOAgent(LearnedAgent):
     @torch.no_grad()
     def collect(self, on_step: Callable[[], bool] | None = None) -> Rollout | None:
         """Play one batch of episodes (one image per slot) with sampled actions; None if ``on_step`` says stop."""
-        env, actor = self.env, self.policy.actor
-        obs, _ = env.reset(seed=None if self._env_seeded else self.seed)
-        self._env_seeded = True
-        hidden = torch.zeros(env.num_envs, self.config.hidden_size, device=self.device)
+        actor = self.policy.actor
         steps: dict[str, list[torch.Tensor]] = {"obs": [], "actions": [], "log_probs": [], "rewards": [], "visited": []}
-        info: dict = {}
-        for _ in range(env.steps - 1):
+
+        def act(obs: torch.Tensor, env: GlanceFocusVectorEnv) -> torch.Tensor:
             visited = env.visited.clone()
-            params, hidden = self.policy.decide(obs, hidden, visited)
+            params, self._hidden = self.policy.decide(obs, self._hidden, visited)
             actions = actor.sample(params, self.generator)
             log_prob, _ = actor.log_prob_entropy(params, actions)
-            steps["obs"].append(obs)
-            steps["actions"].append(actions)
-            steps["log_probs"].append(log_prob)
-            steps["visited"].append(visited)
-            obs, reward, _, _, info = env.step(actor.to_env(actions))
+            for key, value in (("obs", obs), ("actions", actions), ("log_probs", log_prob), ("visited", visited)):
+                steps[key].append(value)
+            return actor.to_env(actions)
+
+        def record(obs: Any, reward: torch.Tensor, info: dict, finished: torch.Tensor) -> bool:
             steps["rewards"].append(reward.float())
-            self.num_timesteps += env.num_envs
-            if on_step is not None and not on_step():
-                return None
+            self.num_timesteps += self.env.num_envs
+            return on_step is None or on_step()
+
+        info = play_batch(self, self.env, seed=None if self._env_seeded else self.seed, act=act, on_step=record)
+        self._env_seeded = True
+        if info is None:
+            return None
         return Rollout(**{k: torch.stack(v) for k, v in steps.items()}, final_info=info)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
@@ -454,7 +454,7 @@ class GFNetPPOAgent(LearnedAgent):
 def _check_env_kwargs(env_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """The training env's settings as plain values, with the observation and action mode made explicit."""
     kwargs = dict(env_kwargs or {})
-    reserved = sorted(set(RESERVED_ENV_KWARGS) & set(kwargs))
+    reserved = sorted(set(FIXED_ENV_KWARGS) & set(kwargs))
     if reserved:
         raise ValueError(f"gfnet_ppo sets {', '.join(reserved)} itself (train split, num_envs/seed/device "
                          f"arguments); drop them from env_kwargs.")

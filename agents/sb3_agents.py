@@ -32,13 +32,12 @@ from agents.features import GlanceFocusExtractor
 from agents.learned import LearnedAgent, TrainingCallback, register_learned_agent
 from gfenv.checkpoint import atomic_write
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
-from gfenv.eval.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
+from gfenv.rollout import FIXED_ENV_KWARGS, action_mode_error
 from gfenv.sb3 import to_sb3
 
 AGENT_FILE = "gfenv_agent.json"
 AGENT_FORMAT = "gfenv-sb3-agent-v1"
-TRAINER_ENV_KWARGS = (*FIXED_ENV_KWARGS, "seed")
 SCHEDULE_PREFIX = "lin_"
 BOX_POLICIES = {"MultiInputPolicy": "MlpPolicy", "MultiInputLstmPolicy": "MlpLstmPolicy"}
 POLICY_NAMES = {"nn": nn, "GlanceFocusExtractor": GlanceFocusExtractor}
@@ -99,18 +98,17 @@ SB3_SPECS: dict[str, SB3Spec] = {
 
 
 def check_action(name: str, spec: SB3Spec, action: str) -> None:
-    """ValueError naming the action modes ``name`` needs, e.g. "maskable_ppo needs action='grid' or 'grid+stop'"."""
-    if action not in spec.supported_actions:
-        need = " or ".join(repr(m) for m in spec.supported_actions)
-        raise ValueError(f"{name} needs action={need}, got action={action!r}; train it with "
-                         f"--env-kwargs action={spec.supported_actions[0]}.")
+    """``gfenv.rollout.action_mode_error`` for an algorithm, before an agent of it exists."""
+    error = action_mode_error(name, spec.supported_actions, action)
+    if error is not None:
+        raise error
 
 
 def resolve_env_kwargs(name: str, env_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """The agent's env settings: the given ones plus its default action and observation mode, checked."""
     spec = SB3_SPECS[name]
     kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in (env_kwargs or {}).items()}
-    fixed = sorted(set(TRAINER_ENV_KWARGS) & set(kwargs))
+    fixed = sorted(set(FIXED_ENV_KWARGS) & set(kwargs))
     if fixed:
         raise ValueError(f"{', '.join(fixed)} are set by the trainer (train split, num_envs, seed, device); drop them "
                          f"from the env kwargs.")

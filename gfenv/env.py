@@ -140,8 +140,8 @@ class GlanceFocusVectorEnv(VectorEnv):
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         words = {"dataset": dataset, "data_root": data_root, "dataset_kwargs": dataset_kwargs, "checkpoint": checkpoint,
-                 "backbone": backbone, "patch_size": patch_size, "steps": steps, "classifier": classifier, "hidden": hidden,
-                 "glance_mode": glance_mode, **dataset_words}
+                 "backbone": backbone, "patch_size": patch_size, "steps": steps, "classifier": classifier,
+                 "hidden": hidden, "glance_mode": glance_mode, **dataset_words}
         self.task = resolve_task(words, need_checkpoint=model is None)  # the data and model these words name
         if model is None and self.task.checkpoint.name.endswith(".pth.tar"):  # GFNet-Pytorch's released files
             model, source = _official_model(self.task, split, self.device, source)
@@ -193,7 +193,8 @@ class GlanceFocusVectorEnv(VectorEnv):
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,)).item()))
         self._cursor = 0
-        self._lockstep = action != "grid+stop"
+        self.lockstep = action != "grid+stop"  # every slot's episode starts and ends together
+        self.stop_action = self.grid * self.grid if action == "grid+stop" else None  # the action that stops
         # on CUDA, early-stopped slots are reset by masks over all slots (no nonzero(): no device->host sync)
         self._masked_resets = self.device.type == "cuda" and sampling == "random"
         self._t_host = 0
@@ -342,7 +343,7 @@ class GlanceFocusVectorEnv(VectorEnv):
                                                                      else ")."))
         else:
             torch._assert_async(((a >= 0) & (a < n_actions)).all(), f"Grid action out of range 0..{n_actions - 1}")
-        stop = (a == self.grid * self.grid) if self.action_mode == "grid+stop" else None
+        stop = (a == self.stop_action) if self.stop_action is not None else None
         cell = a.clamp(max=self.grid * self.grid - 1)
         return self.corners[cell], cell, stop
 
@@ -370,21 +371,21 @@ class GlanceFocusVectorEnv(VectorEnv):
         if self._t_host == 0:
             raise gym.error.ResetNeeded("Call reset() before step().")
         n, dev = self.num_envs, self.device
-        if self.autoreset_mode == AutoresetMode.DISABLED and self._lockstep and self._t_host >= self.steps:
+        if self.autoreset_mode == AutoresetMode.DISABLED and self.lockstep and self._t_host >= self.steps:
             raise gym.error.ResetNeeded("The episodes have ended (autoreset disabled); call reset().")
-        if self.autoreset_mode == AutoresetMode.NEXT_STEP and self._lockstep and self._t_host >= self.steps:
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP and self.lockstep and self._t_host >= self.steps:
             self._reset_slots(None)
             self._t_host = 1
             zeros = torch.zeros(n, dtype=torch.bool, device=dev)
             return self._observation(), torch.zeros(n, device=dev), zeros, zeros.clone(), self._info()
         idle = None
-        if not self._lockstep:
+        if not self.lockstep:
             idle = self.done.clone()  # finished slots: reset now (NEXT_STEP) or left as they are; they do not move
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
                 self._reset_where(idle)
         corners, cell, stop = self._actions_to_corners(actions)
         feats, fmap = self._focus(corners, cell)
-        if self._lockstep:
+        if self.lockstep:
             logits, memory = self.model.classifier.step(feats, self.memory, self._t_host)
         else:
             logits, memory = self._per_slot_classify(feats)
@@ -401,7 +402,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         step_macs = kept(torch.full((n,), float(self.focus_macs), device=dev), 0.0)
         new_t = self.t + (1 if moving is None else moving.long())
         done = (new_t >= self.steps) | (stop if stop is not None else False)
-        if not self._lockstep:
+        if not self.lockstep:
             done = done | self.done
         probs_after = kept(probs, self.probs)
         probs_random = self._random_glimpse_probs() if self.reward_fn.needs_random else None
@@ -422,14 +423,14 @@ class GlanceFocusVectorEnv(VectorEnv):
         terminated, truncated = done.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
         obs, info = self._observation(), self._info()
         if self.autoreset_mode == AutoresetMode.SAME_STEP:
-            any_done = (self._t_host >= self.steps) if self._lockstep else (self._masked_resets or bool(done.any()))
+            any_done = (self._t_host >= self.steps) if self.lockstep else (self._masked_resets or bool(done.any()))
             if any_done:
                 info["final_obs"] = obs
                 info["final_info"] = info.copy()
                 ended = done.clone()  # its own tensor: writing into it must not change terminated or the state
                 info["_final_obs"] = ended
                 info["_final_info"] = ended
-                if self._lockstep:
+                if self.lockstep:
                     self._reset_slots(None)
                     self._t_host = 1
                 else:
@@ -490,7 +491,7 @@ class GlanceFocusVectorEnv(VectorEnv):
             feats, _ = encode(self.model.focus_encoder, crop(rep, self.corners.repeat(n, 1), self.patch_size))
             self._cell_features = feats.reshape(n, cells, -1)  # (N, G*G, D)
         memory = self.memory.repeat_interleave(cells, 0)
-        t = self._t_host if self._lockstep else 1
+        t = self._t_host if self.lockstep else 1
         logits, _ = self.model.classifier.step(self._cell_features.reshape(n * cells, -1), memory, t)
         probs = logits.float().softmax(1).reshape(n, cells, -1)
         return probs.gather(2, self.labels[:, None, None].expand(n, cells, 1)).squeeze(2)

@@ -19,9 +19,12 @@ REWARDS: dict[str, RewardFn] = {}
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a reward under ``name`` so that ``reward="name"`` selects it."""
+    """Register a reward under ``name`` so that ``reward="name"`` selects it; a name taken by another function is
+    refused."""
 
     def deco(fn: RewardFn) -> RewardFn:
+        if REWARDS.get(name, fn) is not fn:
+            raise ValueError(f"A reward named {name!r} is already registered ({REWARDS[name]!r}).")
         REWARDS[name] = fn
         return fn
 

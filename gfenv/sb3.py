@@ -34,12 +34,10 @@ def to_sb3(env: VectorEnv | None = None, *, monitor: bool = True, **make_kwargs:
     ``gymnasium.wrappers.vector.TransformReward`` or ``gfenv.train.stage3.Stage3Wrapper``), while attributes and methods
     such as ``action_masks``, ``cell_confidences`` or ``steps`` are looked up through the chain, outermost first.
 
-    SB3 expects a finished slot to be reset within the same step, so the adapter needs ``AutoresetMode.SAME_STEP``.
-    A bare env in another mode is switched to SAME_STEP in place, and so is an outermost wrapper that owns the mode
-    as a settable ``autoreset_mode`` property (``Stage3Wrapper``); their current episodes are then void, and the
-    adapter refuses to step before its ``reset()`` (which SB3's algorithms always call first). Other wrappers are
-    not switched (gymnasium's read the mode when they are built): build the env with
-    ``autoreset_mode=SAME_STEP`` before wrapping it.
+    SB3 expects a finished slot to be reset within the same step, so the adapter needs an env (or outermost
+    wrapper) that presents ``AutoresetMode.SAME_STEP``, fixed when it is built: ``GlanceFocusVectorEnv(...,
+    autoreset_mode=AutoresetMode.SAME_STEP)``, or ``Stage3Wrapper(env, autoreset_mode=SAME_STEP)`` over an env built
+    with autoreset disabled. Another mode is refused with what to build instead.
 
     With ``monitor=True`` (default) the adapter comes wrapped in ``VecMonitor``, so each finished episode's info
     has ``info["episode"]`` = {"r", "l", "t", "correct", "macs"}, as ``evaluate_policy`` and SB3's logger expect;
@@ -54,12 +52,6 @@ def to_sb3(env: VectorEnv | None = None, *, monitor: bool = True, **make_kwargs:
         raise TypeError(f"to_sb3() got an env and construction kwargs {sorted(make_kwargs)}; pass one or the other.")
     venv = SB3VecEnv(env)
     return VecMonitor(venv, info_keywords=EPISODE_KEYS) if monitor else venv
-
-
-def _owns_autoreset_mode(env: VectorEnv) -> bool:
-    """Whether ``env`` switches its autoreset mode itself: the bare env, or a wrapper with a settable property."""
-    prop = getattr(type(env), "autoreset_mode", None)
-    return isinstance(env, GlanceFocusVectorEnv) or (isinstance(prop, property) and prop.fset is not None)
 
 
 class SB3VecEnv(VecEnv):
@@ -83,17 +75,12 @@ class SB3VecEnv(VecEnv):
             raise TypeError(f"to_sb3() needs a GlanceFocusVectorEnv, bare or inside gymnasium VectorWrappers; got "
                             f"{type(env).__name__}{inside}. Build it with to_sb3(**kwargs) or pass the env (or a "
                             "vector wrapper around it).")
-        if env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
-            if _owns_autoreset_mode(env):
-                env.autoreset_mode = AutoresetMode.SAME_STEP
-                if env is base:
-                    env.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
-            if env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
-                raise ValueError(f"to_sb3(): {type(env).__name__} runs with autoreset_mode="
-                                 f"{env.metadata.get('autoreset_mode')!s}; the SB3 adapter needs SAME_STEP and cannot "
-                                 "switch a wrapper that does not own the mode. Build the GlanceFocusVectorEnv with "
-                                 "autoreset_mode=AutoresetMode.SAME_STEP (or set a Stage3Wrapper's autoreset_mode) "
-                                 "before wrapping it.")
+        mode = env.metadata.get("autoreset_mode")
+        if mode != AutoresetMode.SAME_STEP:
+            raise ValueError(f"to_sb3(): {type(env).__name__} runs with autoreset_mode={mode!s}; SB3 resets a "
+                             "finished slot within the same step, so build the env with "
+                             "autoreset_mode=AutoresetMode.SAME_STEP (or wrap an env built with DISABLED in "
+                             "Stage3Wrapper(env, autoreset_mode=SAME_STEP)).")
         self.env = env
         self.base = base
         self._actions: Any = None

@@ -284,7 +284,8 @@ BUILTIN_TASKS = (
           "backbone": "small_cnn", "patch_size": 32, "steps": 5},
          "CIFAR-10 upsampled to 64 x 64 on a 128 x 128 cluttered canvas: a 32 x 32 patch sees a quarter of the "
          "object",
-         "CIFAR-10 as torchvision stores it: <data_root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"),
+         "CIFAR-10 as torchvision stores it: "
+         "<data_root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"),
     Task("gfenv/ImageNetResNet50P96-v0",
          {"dataset": "imagefolder", "image_size": 224, "crop_fraction": 0.875, "backbone": "resnet50",
           "patch_size": 96, "steps": 5},

@@ -1,4 +1,4 @@
-"""Small helpers shared by the command-line scripts."""
+"""Small helpers shared by the command lines and the library: glibc's freed-memory setting, key=value parsing."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"Expected key=value, got {item!r}.")
+            raise ValueError(f"Expected key=value, got {item!r}.")
         key, value = item.split("=", 1)
         out[key.strip()] = parse_value(value.strip())
     return out

@@ -46,17 +46,18 @@ def test_to_sb3_builds_a_monitored_vecenv():
         to_sb3(num_envs=2, autoreset_mode=AutoresetMode.NEXT_STEP)
 
 
-def test_given_env_is_switched_to_same_step_and_needs_reset():
+def test_given_env_must_present_same_step_and_needs_reset():
     env = GlanceFocusVectorEnv(num_envs=2, seed=0)
     with pytest.raises(TypeError, match="one or the other"):
         to_sb3(env, num_envs=2)
     with pytest.raises(ValueError, match="autoreset_mode=AutoresetMode.SAME_STEP"):
-        to_sb3(gym.wrappers.vector.RecordEpisodeStatistics(env))  # built on NEXT_STEP: not switched under it
+        to_sb3(env)  # built on NEXT_STEP: refused, not switched behind the caller's back
+    assert env.autoreset_mode == AutoresetMode.NEXT_STEP
+    with pytest.raises(ValueError, match="autoreset_mode=AutoresetMode.SAME_STEP"):
+        to_sb3(gym.wrappers.vector.RecordEpisodeStatistics(env))
     with pytest.raises(TypeError, match="needs a GlanceFocusVectorEnv"):
         to_sb3(gym.make_vec("CartPole-v1", num_envs=2))
-    venv = to_sb3(env, monitor=False)
-    assert env.autoreset_mode == AutoresetMode.SAME_STEP
-    assert env.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    venv = to_sb3(GlanceFocusVectorEnv(num_envs=2, seed=0, autoreset_mode=AutoresetMode.SAME_STEP), monitor=False)
     with pytest.raises(gym.error.ResetNeeded):
         venv.step(np.zeros((2, 2), np.float32))
     venv.reset()
@@ -244,15 +245,17 @@ def test_gymnasium_vector_wrapper_is_stepped_and_attributes_come_through():
 def test_stage3_wrapper_is_stepped_and_its_updates_reach_the_rewards():
     """One update after the first batch of episodes: the second batch's rewards come from the new weights."""
     def run(lr: float) -> tuple[np.ndarray, Stage3Wrapper]:
-        env = GlanceFocusVectorEnv(num_envs=4, seed=0, action="grid")  # NEXT_STEP: the wrapper switches itself
-        wrapper = Stage3Wrapper(env, Stage3Config(update_every=4, batch_size=4, classifier_lr=lr, weight_decay=0.0))
+        env = GlanceFocusVectorEnv(num_envs=4, seed=0, action="grid", autoreset_mode=AutoresetMode.DISABLED)
+        wrapper = Stage3Wrapper(env, Stage3Config(update_every=4, batch_size=4, classifier_lr=lr, weight_decay=0.0),
+                                autoreset_mode=AutoresetMode.SAME_STEP)  # it resets the env itself
         venv = to_sb3(wrapper)
-        assert wrapper.autoreset_mode == AutoresetMode.SAME_STEP and env.autoreset_mode == AutoresetMode.DISABLED
         rewards, _ = _fixed_rollout(venv, 2 * (env.steps - 1))
         return rewards, wrapper
 
     still, frozen = run(0.0)
     moved, learning = run(1.0)
+    with pytest.raises(ValueError, match="needs the env built with autoreset_mode='Disabled'"):
+        Stage3Wrapper(GlanceFocusVectorEnv(num_envs=2), autoreset_mode=AutoresetMode.SAME_STEP)
     assert frozen.updates == learning.updates == 2 and learning.episodes == 8
     half = len(still) // 2
     np.testing.assert_array_equal(moved[:half], still[:half])

@@ -51,9 +51,12 @@ def test_registry_holds_sb3_agents_and_baselines_still_build():
 
 
 @pytest.mark.parametrize(("name", "env_kwargs", "message"), [
-    ("maskable_ppo", {"action": "continuous"}, "maskable_ppo needs action='grid' or 'grid+stop'"),
-    ("qrdqn", {"action": "continuous"}, "qrdqn needs action='grid' or 'grid+stop'"),
-    ("sac", {"action": "grid"}, "sac needs action='continuous'"),
+    ("maskable_ppo", {"action": "continuous"},
+     "'maskable_ppo' does not support action mode 'continuous'; build the env with action='grid' "
+     "(supported: grid, grid+stop)"),
+    ("qrdqn", {"action": "continuous"}, "'qrdqn' does not support action mode 'continuous'; build the env with "
+     "action='grid'"),
+    ("sac", {"action": "grid"}, "'sac' does not support action mode 'grid'; build the env with action='continuous'"),
     ("ars", {"observation": "dict"}, "observation='flat'"),
     ("ppo", {"split": "test"}, "split"),
 ])

@@ -19,8 +19,9 @@ from gfenv.checkpoint import load_model
 from gfenv.cli import evaluate as evaluate_agent
 from gfenv.env import DEFAULT_CHECKPOINT
 from gfenv.glimpse import glance
+from gfenv.sb3 import to_sb3
 from gfenv.train.common import glimpse_loss
-from gfenv.train.stage3 import Stage3Config, Stage3Wrapper, finetune, to_sb3
+from gfenv.train.stage3 import Stage3Config, Stage3Wrapper, finetune
 
 SMALL = {"checkpoint": "default", "dataset_kwargs": {"train_size": 64, "test_size": 32}}
 
@@ -66,8 +67,9 @@ def _glance_memory(env: GlanceFocusVectorEnv) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLED])
 def test_env_weights_change_only_between_episodes(mode):
-    env = GlanceFocusVectorEnv(num_envs=8, seed=0, autoreset_mode=mode)
-    wrapper = Stage3Wrapper(env, Stage3Config(update_every=8))
+    inner = AutoresetMode.DISABLED if mode == AutoresetMode.SAME_STEP else mode  # the wrapper resets it itself
+    env = GlanceFocusVectorEnv(num_envs=8, seed=0, autoreset_mode=inner)
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=8), autoreset_mode=mode)
     agent = make_agent("random", seed=0)
     obs, _ = wrapper.reset(seed=0)
     agent.reset(wrapper)
@@ -216,8 +218,8 @@ def test_patches_after_an_early_stop_do_not_count():
 
 
 def test_joint_mode_ppo_learns_while_the_classifier_adapts():
-    env = GlanceFocusVectorEnv(num_envs=4, seed=0)
-    wrapper = Stage3Wrapper(env, Stage3Config(mode="joint", update_every=4))
+    env = GlanceFocusVectorEnv(num_envs=4, seed=0, autoreset_mode=AutoresetMode.DISABLED)
+    wrapper = Stage3Wrapper(env, Stage3Config(mode="joint", update_every=4), autoreset_mode=AutoresetMode.SAME_STEP)
     venv = to_sb3(wrapper)
     classifier = _weights(env.model.classifier)
     model = PPO("MultiInputPolicy", venv, n_steps=8, batch_size=32, n_epochs=1, device="cpu", seed=0)

@@ -63,7 +63,9 @@ def test_making_a_task_without_data_names_the_data_root_and_the_training_command
 
 @pytest.mark.parametrize("env_id", DOCUMENTED)
 def test_the_printed_training_command_trains_the_registered_task(env_id, tmp_path):
-    message = str(pytest.raises(FileNotFoundError, gymnasium.make_vec, env_id, data_root=str(tmp_path)).value)
+    with pytest.raises(FileNotFoundError) as err:
+        gymnasium.make_vec(env_id, data_root=str(tmp_path))
+    message = str(err.value)
     command = shlex.split(next(line for line in message.splitlines() if "python train_agent.py" in line))
     assert command[:2] == ["python", "train_agent.py"]
     cfg, spec = train_agent.stage1_config(train_agent.build_parser().parse_args(command[2:]))

@@ -11,6 +11,7 @@ import yaml
 
 from agents import SB3_SPECS, SB3Agent
 from gfenv import GlanceFocusVectorEnv
+from gfenv.cli import evaluate as evaluate_agent
 from gfenv.cli import train as train_agent
 from gfenv.sb3 import SB3VecEnv
 from gfenv.train.runs import load_agent
@@ -127,7 +128,8 @@ def test_default_run_dirs_count_up(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--agent", "maskable_ppo", "--env-kwargs", "action=continuous"],
-     "maskable_ppo needs action='grid' or 'grid+stop'"),
+     "'maskable_ppo' does not support action mode 'continuous'; build the env with action='grid' "
+     "(supported: grid, grid+stop)"),
     (["--env-kwargs", "dataset=glyphs", "canvas=64"],
      "python train_agent.py --stage 1 --env-kwargs dataset=glyphs canvas=64 patch_size=32 steps=5 backbone=small_cnn "
      "--run-dir runs/stage1/glyphs_canvas64\nthen pass checkpoint=runs/stage1/glyphs_canvas64/model.pt"),
@@ -197,6 +199,13 @@ def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
     assert report["agents"]["oracle"]["score"][-1] == 100.0 and report["agents"]["random"]["score"][-1] == 0.0
     assert (tmp_path / "results.md").exists() and (tmp_path / "stage3" / "model.pt").exists()
     assert report["config"]["timesteps"] == 64
+    # the main job's run folder is a stage-2 run: its stage-3 model evaluates in the documented LABEL=<run>/... form
+    out = tmp_path / "eval.json"
+    assert evaluate_agent.main(["--agents", f"random,ppo={tmp_path}/stage3/model.pt", "--episodes", "16",
+                                "--num-envs", "16", "--threshold-episodes", "0", "--no-progress",
+                                "--json", str(out)]) == 0
+    stage3 = json.loads(out.read_text())["agents"]["ppo"]
+    assert stage3["accuracy"] == pytest.approx(report["agents"]["ppo (stage 3)"]["accuracy"][:5])
 
 
 def test_main_job_trains_ppo_for_the_budget_of_its_hyperparameter_file():
@@ -209,8 +218,6 @@ def test_main_job_trains_ppo_for_the_budget_of_its_hyperparameter_file():
 
 
 def test_evaluate_agent_loads_a_trained_run_by_label(tmp_path):
-    import evaluate_agent
-
     run = tmp_path / "run"
     assert train_agent.main(["--stage", "2", "--agent", "ppo", "--timesteps", "64", "--num-envs", "4",
                              "--hyperparams", "batch_size=64", "--run-dir", str(run), *QUIET]) == 0

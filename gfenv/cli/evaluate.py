@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium
-import yaml
 
 from agents import AGENTS, make_agent
 from gfenv import ENV_ID
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import benchmark, format_table, oracle_normalised, render_episodes
 from gfenv.eval.leaderboard import LEGEND, format_budgeted, leaderboard_rows, markdown_leaderboard, markdown_report
-from gfenv.train.runs import load_agent, run_folder
+from gfenv.task import canonical_words, task_words
+from gfenv.train.runs import load_agent, read_config, run_folder
 from gfenv.utils import keep_freed_memory, parse_kv
 
 REFERENCES = ("random", "oracle")
@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated agents: registered names ({', '.join(sorted(AGENTS))}) or "
                         "LABEL=RUN_DIR for a trained stage-2 run (its best_model, else model); RUN_DIR may hold "
                         "{seed} and {env}")
-    p.add_argument("--env", default=ENV_ID, help="environment id (its registered kwargs are the defaults)")
+    p.add_argument("--env", default=None,
+                   help=f"registered env id naming the task (its words are the defaults; default: the env the trained "
+                        f"agents' runs record, else {ENV_ID})")
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V",
-                   help="env settings, e.g. action=grid grid=7 steps=5 dataset=glyphs checkpoint=PATH")
+                   help="the task in the env's words over the env id's and the trained runs' (dataset=, data_root=, "
+                        "canvas=, checkpoint=PATH, steps=, ...) and env settings (action=, grid=)")
     p.add_argument("--split", default="test", choices=("test", "train"),
                    help="images the agents are scored on (the budgeted thresholds are always fitted on train)")
     p.add_argument("--episodes", type=int, default=1000, help="images per agent and seed (the first N, in order)")
@@ -130,13 +133,29 @@ def trained_runs(specs: dict[str, str | None], seeds: list[int], env_id: str) ->
             if not path.exists():
                 raise FileNotFoundError(f"Run dir {path} of agent {label!r} (seed {seed}) does not exist; train it "
                                         f"with python train_agent.py --stage 2 --seed {seed} --run-dir {path}.")
-        config_file = run_folder(dirs[0]) / "config.yml"
-        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        config = read_config(run_folder(dirs[0]))
         trained_env = config.get("env", env_id)
         if trained_env != env_id:
             raise ValueError(f"Agent {label!r} ({dirs[0]}) was trained on {trained_env}, not {env_id}.")
         runs[label] = {"run_dirs": [str(d) for d in dirs], "n_timesteps": config.get("timesteps")}
     return runs
+
+
+def shared_task(args: argparse.Namespace, specs: dict[str, str | None], seed: int) -> tuple[str, dict[str, Any]]:
+    """The env id and the env words every agent of ``specs`` is scored with: ``--env`` (default: the env id the first
+    trained run records, else the default task), its registered words, the task words that run was trained with
+    (its data and stage-1 checkpoint: the baselines see what it saw), then ``--env-kwargs``."""
+    env_id, words = args.env, {}
+    template = next((t for t in specs.values() if t is not None), None)
+    if template is not None:
+        config = read_config(run_folder(run_dir(template, seed, args.env or ENV_ID)))
+        env_id = env_id or config.get("env")
+        words = task_words(config.get("env_kwargs") or {})
+    env_id = env_id or ENV_ID
+    if env_id not in gymnasium.registry:
+        raise ValueError(f"Unknown env id {env_id!r}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
+    return env_id, {**canonical_words(gymnasium.spec(env_id).kwargs), **words,
+                    **canonical_words(parse_kv(args.env_kwargs))}
 
 
 def agent_factory(specs: dict[str, str | None], env_id: str, device: str):
@@ -257,7 +276,7 @@ def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seed
     specs = {**{r: None for r in REFERENCES if r not in specs}, **specs}
     rows, reports, skipped = [], {}, []
     for env_id in envs:
-        env_kwargs = {**gymnasium.spec(env_id).kwargs, **parse_kv(args.env_kwargs)}
+        env_kwargs = {**canonical_words(gymnasium.spec(env_id).kwargs), **canonical_words(parse_kv(args.env_kwargs))}
         try:
             GlanceFocusVectorEnv(num_envs=1, split=args.split, **env_kwargs).close()
         except (FileNotFoundError, ValueError, OSError) as err:
@@ -311,8 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         return gfnet_checkpoint(args)
     specs = parse_agents(args.agents, parser)
     seeds = parse_seeds(args, parser)
-    if not args.leaderboard and args.env not in gfenv_ids():
-        parser.error(f"Unknown env id {args.env!r}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
     if args.episodes < 1 or args.num_envs < 1 or args.picture_images < 1:
         parser.error("--episodes, --num-envs and --picture-images must be at least 1.")
     if args.threshold_episodes is not None and args.threshold_episodes < 0:
@@ -324,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             code = run_leaderboard(args, specs, seeds, command)
             print(f"wall time {time.time() - start:.0f} s")
             return code
-        env_kwargs = {**gymnasium.spec(args.env).kwargs, **parse_kv(args.env_kwargs)}
-        report = evaluate_env(args, args.env, env_kwargs, specs, seeds)
+        env_id, env_kwargs = shared_task(args, specs, seeds[0])
+        report = evaluate_env(args, env_id, env_kwargs, specs, seeds)
         print_report(report)
         write_outputs(args, report)
     except (ValueError, FileNotFoundError) as err:
@@ -334,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_text(args.json, json.dumps(json_safe(report), indent=2, default=str) + "\n")
     if args.markdown:
-        write_text(args.markdown, markdown_report(args.env, report, command))
+        write_text(args.markdown, markdown_report(env_id, report, command))
     print(f"wall time {time.time() - start:.0f} s")
     return 0
 

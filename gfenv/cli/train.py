@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--run-dir", default=None,
-                   help="output folder (default stage 1: runs/stage1/<task>; stage 2: runs/<agent>/<env>_<n>; main job: "
-                        "runs/main/<env>_<n>; static: runs/static/<dataset>)")
+                   help="output folder (default stage 1: runs/stage1/<task>; stage 2: runs/<agent>/<env>_<n>; main "
+                        "job: runs/main/<env>_<n>; static: runs/static/<dataset>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <run-dir>/last.* (stage 2 without --run-dir: the agent's latest run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage 1 still prints each epoch)")

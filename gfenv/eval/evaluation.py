@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,28 +17,13 @@ from gymnasium.vector.vector_env import AutoresetMode
 from tqdm.auto import tqdm
 
 from gfenv.cache import cover_episodes
-from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
+from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.budgeted import budgeted_curve
+from gfenv.rollout import FIXED_ENV_KWARGS, AgentLike, agent_env_kwargs, check_action_mode, play_batch
 
-FIXED_ENV_KWARGS = ("split", "sampling", "num_envs", "device", "autoreset_mode")
 DEFAULT_ACTION = inspect.signature(GlanceFocusVectorEnv).parameters["action"].default
 PER_STEP_KEYS = ("accuracy", "macs", "confidence", "true_class_confidence", "glimpses")
 SPREAD_KEYS = ("accuracy", "macs", "score")
-
-
-class AgentLike(Protocol):
-    """What ``evaluate`` needs of an agent. Optional attributes: ``macs_per_step`` (policy multiply-adds per
-    decision, default 0), ``supported_actions`` (action modes it can produce) and ``env_kwargs`` (env settings it
-    needs, applied over the shared ones)."""
-
-    def reset(self, env: GlanceFocusVectorEnv) -> None: ...
-
-    def act(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor: ...
-
-
-def agent_env_kwargs(agent: AgentLike, env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The env settings ``agent`` runs with: the shared ones, then the agent's own (e.g. its action mode)."""
-    return {**env_kwargs, **getattr(agent, "env_kwargs", {})}
 
 
 def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes: int, seed: int,
@@ -65,7 +50,7 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
         if fixed:
             raise ValueError(f"evaluate sets {', '.join(fixed)} itself (the split given, sequential images); "
                              f"drop them from the env kwargs.")
-        _check_action_mode(label, agent, plans[label].get("action", DEFAULT_ACTION))
+        check_action_mode(agent, plans[label].get("action", DEFAULT_ACTION), label)
     envs: dict[str, GlanceFocusVectorEnv] = {}
     results = {}
     for label, agent in agents.items():
@@ -84,37 +69,24 @@ def evaluate(agents: dict[str, AgentLike], env_kwargs: dict[str, Any], episodes:
     return results
 
 
-def _check_action_mode(label: str, agent: AgentLike, action: str) -> None:
-    supported = getattr(agent, "supported_actions", None)
-    if supported is not None and action not in supported:
-        usable = [m for m in ACTION_MODES if m in supported]
-        raise ValueError(f"Agent {label!r} does not support action mode {action!r}; run it with env kwarg "
-                         f"action={usable[0] if usable else '?'} (supported: {', '.join(usable)}).")
-
-
 def _play_batch(agent: AgentLike, env: GlanceFocusVectorEnv, seed: int | None) -> tuple[torch.Tensor, dict]:
-    """One batch of episodes (one image per slot): (T, 5, N) measurements after each step (see ``_measure``) and
-    the last info. A slot that stopped early is sent the stop action from then on, so it keeps its final
-    prediction and MACs, and no autoreset draws images out of turn."""
-    steps, n = env.steps, env.num_envs
+    """One batch of episodes (``gfenv.rollout.play_batch``): (T, 5, N) measurements after each step (see
+    ``_measure``) and the last info; a batch whose slots all stopped early repeats its last row."""
     policy_macs = float(getattr(agent, "macs_per_step", 0) or 0)
-    stop = env.grid * env.grid if env.action_mode == "grid+stop" else None
-    obs, info = env.reset(seed=seed)
-    agent.reset(env)
-    finished = torch.zeros(n, dtype=torch.bool, device=env.device)
-    decisions = torch.zeros(n, dtype=torch.float64, device=env.device)
-    rows = [_measure(env, info, decisions * policy_macs)]
-    for _ in range(steps - 1):
-        if bool(finished.all()):
-            rows.append(rows[-1])
-            continue
-        actions = agent.act(obs, env)
-        if stop is not None:
-            actions = torch.where(finished, stop, torch.as_tensor(actions, device=env.device))
-        decisions += (~finished).double()
-        obs, _, terminated, truncated, info = env.step(actions)
-        finished |= terminated | truncated
+    decisions = torch.zeros(env.num_envs, dtype=torch.float64, device=env.device)  # made so far, per slot
+    deciding = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)  # not ended before this step
+    rows: list[torch.Tensor] = []
+
+    def measure(obs: Any, info: dict) -> None:
         rows.append(_measure(env, info, decisions * policy_macs))
+
+    def step(obs: Any, reward: torch.Tensor, info: dict, finished: torch.Tensor) -> None:
+        decisions.add_(deciding.double())
+        deciding.copy_(~finished)
+        measure(obs, info)
+
+    info = play_batch(agent, env, seed, on_reset=measure, on_step=step)
+    rows += rows[-1:] * (env.steps - len(rows))
     return torch.stack(rows), info
 
 

@@ -11,10 +11,7 @@ collected are averaged over the processes by DistributedDataParallel, and rank 0
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,17 +23,16 @@ from torch import nn
 
 from gfenv.checkpoint import save_model
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.eval.evaluation import AgentLike
+from gfenv.rollout import FIXED_ENV_KWARGS, AgentLike, play_batch, sampling_act
 from gfenv.train import distributed as dist
 from gfenv.train.common import OPTIMIZERS, autocast_dtype, data_parallel_loss, make_optimizer
 
 if TYPE_CHECKING:
-    from stable_baselines3.common.vec_env import VecEnv
+    pass
 
 MODES = ("frozen", "joint")
 STAGE3_EPISODES = 8192
 """Train images stage 3 runs the policy on by default (the main job's and ``train_agent.py --stage 3``'s)."""
-FIXED_ENV_KWARGS = ("split", "num_envs", "device", "seed", "autoreset_mode")
 
 
 @dataclass
@@ -107,17 +103,18 @@ class Stage3Wrapper(VectorWrapper):
 
     Observations, actions, rewards and infos pass through unchanged, so any agent that drives the torch env
     (``agent.act(obs, wrapper)``; attributes such as ``t``, ``visited`` or ``action_masks`` are forwarded) or SB3
-    (through ``to_sb3(wrapper)`` below) runs on it. When an episode ends the wrapper keeps its image, label and
+    (through ``gfenv.sb3.to_sb3(wrapper)``) runs on it. When an episode ends the wrapper keeps its image, label and
     focus-patch corners (``env.history``). Once ``update_every`` episodes are kept it trains ``trainable_model``, a
-    copy of the env's model, with GFNet's stage-3 loss (``gfenv.train.stage1.glimpse_loss`` at the policy's corners) and
+    copy of the env's model, with GFNet's stage-3 loss (``gfenv.train.common.glimpse_loss`` at the policy's corners) and
     copies the weights into ``env.model`` (which stays in eval mode, without gradients). ``wrapper.model`` is the
     env's model, as for the bare env.
 
     The copy happens only when no episode is in progress, so every observation and reward of an episode comes from
     one set of weights: in lockstep episodes (``continuous`` and ``grid`` actions) right after the step that ends
-    them, before the step (NEXT_STEP) or the ``reset()`` (DISABLED) that starts the next. For SAME_STEP, which SB3
-    needs, the wrapper runs the env with autoreset disabled and resets it itself after the copy, so the new
-    episodes' glances already use the new weights. Episodes out of lockstep (``grid+stop``) have no such boundary
+    them, before the step (NEXT_STEP) or the ``reset()`` (DISABLED) that starts the next. The wrapper presents the
+    env's autoreset mode, or with ``autoreset_mode=SAME_STEP`` (which SB3 needs) over an env built with autoreset
+    disabled, it resets the env itself after the copy, so the new episodes' glances already use the new weights.
+    Episodes out of lockstep (``grid+stop``) have no such boundary
     under autoreset, so that action mode needs ``autoreset_mode=DISABLED``; the copy then happens once every slot
     has finished (or at ``reset()``).
 
@@ -130,7 +127,8 @@ class Stage3Wrapper(VectorWrapper):
     same number of episodes per update), and ``save`` writes on rank 0 only.
     """
 
-    def __init__(self, env: GlanceFocusVectorEnv, config: Stage3Config | None = None):
+    def __init__(self, env: GlanceFocusVectorEnv, config: Stage3Config | None = None,
+                 autoreset_mode: str | AutoresetMode | None = None):
         super().__init__(env)
         base = env.unwrapped
         if not isinstance(base, GlanceFocusVectorEnv):
@@ -142,7 +140,8 @@ class Stage3Wrapper(VectorWrapper):
         if self.config.channels_last:
             self.trainable_model = self.trainable_model.to(memory_format=torch.channels_last)
         groups = self._trainable_groups()
-        self.optimizer = make_optimizer(self.config.optimizer, groups, self.config.classifier_lr, self.config.weight_decay)
+        self.optimizer = make_optimizer(self.config.optimizer, groups, self.config.classifier_lr,
+                                        self.config.weight_decay)
         self._loss = data_parallel_loss(self.trainable_model, base.device)  # DDP in a process group
         self._update_every = dist.per_rank(self.config.update_every)
         self._batch_size = dist.per_rank(self.config.batch_size)
@@ -158,7 +157,7 @@ class Stage3Wrapper(VectorWrapper):
         self.updates = 0
         self.episodes = 0
         self.losses: list[float] = []
-        self.autoreset_mode = base.autoreset_mode
+        self._set_autoreset_mode(autoreset_mode)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name == "env":
@@ -166,22 +165,22 @@ class Stage3Wrapper(VectorWrapper):
         return getattr(self.env, name)
 
     # ----------------------------------------------------------------------------------------------- settings
-    @property
-    def autoreset_mode(self) -> AutoresetMode:
-        """The autoreset mode the wrapper presents; the env underneath runs DISABLED when this is SAME_STEP."""
-        return self._autoreset_mode
-
-    @autoreset_mode.setter
-    def autoreset_mode(self, mode: str | AutoresetMode) -> None:
-        mode = AutoresetMode(mode)
+    def _set_autoreset_mode(self, mode: str | AutoresetMode | None) -> None:
+        """The mode the wrapper presents (fixed at construction, as Gymnasium fixes an env's): the env's own, or
+        SAME_STEP over an env built with autoreset disabled (the wrapper then starts the next episodes itself, after
+        any weight copy)."""
+        inner = self.base.autoreset_mode
+        mode = inner if mode is None else AutoresetMode(mode)
         if not self.lockstep and mode != AutoresetMode.DISABLED:
             raise ValueError(f"Stage 3 with action='grid+stop' needs autoreset_mode=DISABLED, got {mode}: episodes "
                              "that stop early run out of lockstep, so under autoreset no step is free of episodes "
                              "in progress and the weights could never be swapped safely.")
-        inner = AutoresetMode.DISABLED if mode == AutoresetMode.SAME_STEP else mode
-        self.base.autoreset_mode = inner
-        self.base.metadata = {**self.base.metadata, "autoreset_mode": inner}
-        self._autoreset_mode = mode
+        needed = AutoresetMode.DISABLED if mode == AutoresetMode.SAME_STEP else mode
+        if inner != needed:
+            raise ValueError(f"Stage3Wrapper(autoreset_mode={mode.value!r}) needs the env built with "
+                             f"autoreset_mode={needed.value!r}, got {inner.value!r}"
+                             + (" (it resets the env itself, after any weight copy)" if mode != needed else "") + ".")
+        self.autoreset_mode = mode
         self.metadata = {**self.base.metadata, "autoreset_mode": mode}
 
     def _trainable_groups(self) -> list[dict]:
@@ -224,7 +223,7 @@ class Stage3Wrapper(VectorWrapper):
             raise gym.error.ResetNeeded("Call reset() on the Stage3Wrapper before step(): it counts the steps of "
                                         "each episode from there.")
         last = self.base.steps - 1
-        if self.lockstep and self._autoreset_mode == AutoresetMode.NEXT_STEP and self._steps_taken >= last:
+        if self.lockstep and self.autoreset_mode == AutoresetMode.NEXT_STEP and self._steps_taken >= last:
             self._steps_taken = 0
             self._between_episodes = False
             return self.env.step(actions)
@@ -244,7 +243,7 @@ class Stage3Wrapper(VectorWrapper):
                 return obs, reward, terminated, truncated, info
         self._between_episodes = True
         self._update_if_due()
-        if self._autoreset_mode == AutoresetMode.SAME_STEP:
+        if self.autoreset_mode == AutoresetMode.SAME_STEP:
             obs, info = self._reset_same_step(obs, info, terminated | truncated)
         return obs, reward, terminated, truncated, info
 
@@ -333,25 +332,6 @@ class Stage3Wrapper(VectorWrapper):
         return Path(path)
 
 
-def to_sb3(env: Stage3Wrapper, monitor: bool = True) -> VecEnv:
-    """``gfenv.sb3.to_sb3(env, monitor=monitor)``, kept for backwards compatibility: that adapter now takes wrapped
-    envs itself, steps the wrapper and sets a ``Stage3Wrapper``'s ``autoreset_mode`` to SAME_STEP."""
-    from gfenv.sb3 import to_sb3 as sb3_to_sb3
-
-    return sb3_to_sb3(env, monitor=monitor)
-
-
-def sampling_act(agent: AgentLike) -> Callable[[Any, Any], torch.Tensor]:
-    """The agent's stochastic action: ``agent.sample(obs, env)``, else ``agent.act(obs, env, deterministic=False)``
-    when ``act`` takes that keyword, else plain ``agent.act`` (the fixed baselines)."""
-    sample = getattr(agent, "sample", None)
-    if callable(sample):
-        return sample
-    if "deterministic" in inspect.signature(agent.act).parameters:
-        return partial(agent.act, deterministic=False)
-    return agent.act
-
-
 def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episodes: int = STAGE3_EPISODES,
              config: Stage3Config | None = None, seed: int = 0, device: str | torch.device = "cpu",
              progress: bool = True, path: str | Path = "runs/stage3/model.pt", num_envs: int = 64) -> Path:
@@ -369,7 +349,8 @@ def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episode
     config = config or Stage3Config()
     if config.mode != "frozen":
         raise ValueError("finetune() runs a fixed policy (mode='frozen'); for mode='joint' train the agent on "
-                         "Stage3Wrapper(env) itself, e.g. SB3 learn() on gfenv.train.stage3.to_sb3(wrapper).")
+                         "Stage3Wrapper(env, autoreset_mode=SAME_STEP) itself, e.g. SB3 learn() on "
+                         "gfenv.sb3.to_sb3(wrapper).")
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
     kwargs = {**(env_kwargs or {}), **getattr(agent, "env_kwargs", {})}
@@ -391,23 +372,15 @@ def _finetune(agent: AgentLike, kwargs: dict[str, Any], episodes: int, config: S
                                seed=env_seed, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
     wrapper = Stage3Wrapper(env, config)
     act = sampling_act(agent)
-    stop = env.grid * env.grid if env.action_mode == "grid+stop" else None
-    n = env.num_envs
+
+    def no_grad_act(obs: Any, env: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return act(obs, env)
+
     with tqdm(total=mine * world, desc="stage 3", unit="img", disable=not progress) as bar:
         while wrapper.episodes < mine:
-            obs, _ = wrapper.reset(seed=env_seed if wrapper.episodes == 0 else None)
-            agent.reset(wrapper)
-            finished = torch.zeros(n, dtype=torch.bool, device=env.device)
-            for _ in range(env.steps - 1):
-                with torch.no_grad():
-                    actions = act(obs, wrapper)
-                if stop is not None:
-                    actions = torch.where(finished, stop, torch.as_tensor(actions, device=env.device))
-                obs, _, terminated, truncated, _ = wrapper.step(actions)
-                finished |= terminated | truncated
-                if bool(finished.all()):
-                    break
-            bar.update(n * world)
+            play_batch(agent, wrapper, seed=env_seed if wrapper.episodes == 0 else None, act=no_grad_act)
+            bar.update(env.num_envs * world)
             if wrapper.losses:
                 bar.set_postfix(loss=f"{wrapper.losses[-1]:.3f}", updates=wrapper.updates)
     wrapper.flush()

@@ -26,8 +26,8 @@ from torch import nn
 from gfenv.backbones import build_encoder
 from gfenv.checkpoint import CheckpointError, _load_state_strict, load_checkpoint, save_checkpoint
 from gfenv.data import ImageSource, make_source
-from gfenv.eval.evaluation import FIXED_ENV_KWARGS
 from gfenv.flops import count_macs
+from gfenv.rollout import FIXED_ENV_KWARGS
 from gfenv.task import resolve_task, task_words
 from gfenv.train.common import EpochOrder, autocast_dtype, load_training_state, make_optimizer, seed_everything
 
