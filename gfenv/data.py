@@ -18,7 +18,26 @@ from collections.abc import Callable
 import torch
 
 DATASETS: dict[str, Callable[..., ImageSource]] = {}
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")
+"""``val`` is carved from the train images (held out of ``train``): model selection uses it, so ``test`` is touched
+by the final evaluation only."""
+DEFAULT_VAL_SIZE = 5000
+
+
+def validation_carve(count: int, split: str, val_size: int | None = None) -> torch.Tensor:
+    """The indices, among a dataset's ``count`` train images, of ``split`` ``train`` or ``val``: the last
+    ``val_size`` (default min(5000, count // 10)) of one fixed shuffle go to ``val``, the rest (in order) to
+    ``train``. The same on every machine and device."""
+    size = min(DEFAULT_VAL_SIZE, count // 10) if val_size is None else int(val_size)
+    if not 0 <= size < count:
+        raise ValueError(f"val_size={size} must leave train images: choose 0 <= val_size < {count}.")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
+    held = order[count - size:]
+    if split == "val":
+        return held.sort().values
+    keep = torch.ones(count, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().squeeze(1)
 BUILTIN_DATASET_MODULES = ("gfenv.datasets",)
 """Modules whose import registers more datasets; loaded the first time a source is made by name."""
 
@@ -204,7 +223,7 @@ class GlyphSource(ImageSource):
 
     def __init__(self, split: str = "train", device: torch.device | str = "cpu", canvas: int = 128,
                  glyph_size: int = 16, fragments: int = 8, fragment_size: int = 8, noise: float = 0.1,
-                 train_size: int = 50_000, test_size: int = 10_000, seed: int = 0):
+                 train_size: int = 50_000, test_size: int = 10_000, val_size: int = DEFAULT_VAL_SIZE, seed: int = 0):
         if glyph_size > canvas or fragment_size > glyph_size:
             raise ValueError(f"Need fragment_size <= glyph_size <= canvas, got {fragment_size}, {glyph_size}, "
                              f"{canvas}.")
@@ -215,10 +234,12 @@ class GlyphSource(ImageSource):
         self.fragments = fragments
         self.fragment_size = fragment_size
         self.noise = noise
-        self.size = train_size if split == "train" else test_size
+        self.size = {"train": train_size, "test": test_size, "val": val_size}[split]
         self.seed = seed
         self.image_shape = (1, canvas, canvas)
-        self._split_id = SPLITS.index(split) if split in SPLITS else 0
+        # validation images continue the train stream past the train images: held out of train, same distribution
+        self._split_id = SPLITS.index(split) if split != "val" else 0
+        self._offset = train_size if split == "val" else 0
         (self.textures, self.silhouettes, self._glyph_table, self.noise_bank, self._tiled_fields,
          self._clamped_windows) = _glyph_tables(canvas, glyph_size, float(noise), seed, self.device)
 
@@ -226,7 +247,8 @@ class GlyphSource(ImageSource):
         return self.size
 
     def _keys(self, indices: torch.Tensor) -> torch.Tensor:
-        return indices.to(self.device, torch.int64) * 4 + self._split_id + (self.seed & 0xFFFF) * 7919 * 4
+        return ((indices.to(self.device, torch.int64) + self._offset) * 4 + self._split_id
+                + (self.seed & 0xFFFF) * 7919 * 4)
 
     def labels(self, indices: torch.Tensor) -> torch.Tensor:
         return self._labels(hash_uniform(self._keys(indices), 1, 1))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gfenv.data import SPLITS, ImageSource, hash_uniform, register_dataset
+from gfenv.data import SPLITS, ImageSource, hash_uniform, register_dataset, validation_carve
 
 Size = int | Sequence[int]
 
@@ -29,7 +29,7 @@ def _pair(size: Size, what: str) -> tuple[int, int]:
 
 
 def _split_id(split: str) -> int:
-    return SPLITS.index(split) if split in SPLITS else len(SPLITS)
+    return SPLITS.index(split) if split in SPLITS else 2
 
 
 def _require_root(data_root: str | os.PathLike | None, dataset: str, layout: str) -> Path:
@@ -182,19 +182,24 @@ def _to_nchw(data: object, layout: str) -> torch.Tensor:
 def torchvision_source(name: str, split: str = "train", device: torch.device | str = "cpu",
                        data_root: str | os.PathLike | None = None, download: bool = False, verify: bool = True,
                        image_size: Size | None = None, canvas: Size | None = None, fragments: int = 4,
-                       fragment_size: int = 8, seed: int = 0) -> ImageSource:
+                       fragment_size: int = 8, seed: int = 0, val_size: int | None = None) -> ImageSource:
     """A torchvision dataset (one of ``_TORCHVISION``) read once from ``data_root`` into a ``TensorSource``.
 
     ``verify=False`` skips torchvision's md5 checks (only the files' presence is checked); ``canvas`` wraps the source
-    in a ``ClutteredCanvasSource`` with ``fragments``, ``fragment_size`` and ``seed``.
+    in a ``ClutteredCanvasSource`` with ``fragments``, ``fragment_size`` and ``seed``. Split ``val`` is
+    ``val_size`` images carved from the train files (``gfenv.data.validation_carve``), which split ``train`` leaves
+    out.
     """
     spec = _TORCHVISION[name]
     label = spec.cls.__name__
     path = _require_root(data_root, name, f"{label}/ in torchvision's layout"
                          + (f" ({spec.how_to_get})" if spec.how_to_get else ""))
-    ds = _open_torchvision(spec, label, path, split, download, verify)
+    ds = _open_torchvision(spec, label, path, "test" if split == "test" else "train", download, verify)
     images = _to_nchw(ds.data, spec.layout)
     labels = torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
+    if split != "test":
+        keep = validation_carve(len(labels), split, val_size)
+        images, labels = images[keep], labels[keep]
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"{label} {split} split has unlabelled images (label < 0); use a labelled split.")
     num_classes = max(len(getattr(ds, "classes", None) or ()), int(labels.max()) + 1 if labels.numel() else 0)
@@ -212,11 +217,11 @@ for _name in _TORCHVISION:
 def cluttered_mnist(split: str = "train", device: torch.device | str = "cpu",
                     data_root: str | os.PathLike | None = None, canvas: Size = 60, fragments: int = 4,
                     fragment_size: int = 8, download: bool = False, verify: bool = True,
-                    image_size: Size | None = None, seed: int = 0) -> ImageSource:
+                    image_size: Size | None = None, seed: int = 0, val_size: int | None = None) -> ImageSource:
     """RAM's cluttered translated MNIST: 60x60 with 4 fragments of 8x8 (100x100 with 8 fragments is the other)."""
     return torchvision_source("mnist", split, device, data_root=data_root, download=download, verify=verify,
                               image_size=image_size, canvas=canvas, fragments=fragments, fragment_size=fragment_size,
-                              seed=seed)
+                              seed=seed, val_size=val_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +239,8 @@ class ImageFolderSource(ImageSource):
 
     def __init__(self, data_root: str | os.PathLike | None = None, split: str = "train",
                  device: torch.device | str = "cpu",
-                 image_size: Size = 224, crop_fraction: float = 1.0, test_folder: str | None = None):
+                 image_size: Size = 224, crop_fraction: float = 1.0, test_folder: str | None = None,
+                 val_size: int | None = None):
         from torchvision.datasets.folder import find_classes
 
         self.root = _require_root(data_root, "imagefolder", "<data_root>/<split>/<class>/<image>")
@@ -247,8 +253,10 @@ class ImageFolderSource(ImageSource):
         self.image_shape = (3, *self.size)
         train_dir = self.root / "train"
         self.classes, class_to_idx = find_classes(train_dir) if train_dir.is_dir() else ([], {})
-        names = ["train"] if split == "train" else [test_folder] if test_folder else ["test", "val"]
+        names = ["train"] if split != "test" else [test_folder] if test_folder else ["test", "val"]
         self.samples = self._find_samples(names, class_to_idx)
+        if split != "test":  # split "val": images carved from train/, which split "train" leaves out
+            self.samples = [self.samples[i] for i in validation_carve(len(self.samples), split, val_size).tolist()]
         self.targets = torch.tensor([t for _, t in self.samples], dtype=torch.long)
         self.num_classes = len(self.classes)
 
@@ -319,9 +327,10 @@ class ImageFolderSource(ImageSource):
 @register_dataset("imagefolder")
 def imagefolder(split: str = "train", device: torch.device | str = "cpu", data_root: str | os.PathLike | None = None,
                 image_size: Size | None = None, crop_fraction: float = 1.0, test_folder: str | None = None,
-                canvas: Size | None = None, fragments: int = 4, fragment_size: int = 8, seed: int = 0) -> ImageSource:
+                canvas: Size | None = None, fragments: int = 4, fragment_size: int = 8, seed: int = 0,
+                val_size: int | None = None) -> ImageSource:
     source: ImageSource = ImageFolderSource(data_root, split, device, 224 if image_size is None else image_size,
-                                            crop_fraction, test_folder)
+                                            crop_fraction, test_folder, val_size)
     if canvas is not None:
         source = ClutteredCanvasSource(source, canvas, fragments, fragment_size, seed)
     return source
@@ -381,7 +390,7 @@ class ClutteredCanvasSource(ImageSource):
     @torch.no_grad()
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = indices.to(self.device, torch.int64)
-        key = idx * (len(SPLITS) + 1) + self._split_id
+        key = idx * 3 + self._split_id
         (c, h, w), (hc, wc) = self.base.image_shape, self.canvas
         b, nf, f, n = len(idx), self.fragments, self.fragment_size, len(self.base)
         images, labels = self.base.get(idx)

@@ -37,7 +37,7 @@ ENV_SETTINGS = ("num_envs", "split", "num_classes", "action", "grid", "observati
                 "device", "seed", "render_mode", "autoreset_mode", "max_episode_steps", "cache", "cache_dir",
                 "cache_images", "model", "source")
 """The env's arguments that are not the task: how episodes run, not what is read."""
-SIZE_WORDS = ("train_size", "test_size")
+SIZE_WORDS = ("train_size", "test_size", "val_size")
 """Dataset words that change how many images a split has, not which task it is."""
 
 

@@ -91,7 +91,7 @@ def _fake_imagefolder(root: Path, test_name: str = "val") -> Path:
 @pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_mnist_like(tmp_path: Path, name: str, folder: str) -> None:
     root = _fake_mnist(tmp_path, folder)
-    train = make_source(name, "train", data_root=str(root))
+    train = make_source(name, "train", data_root=str(root), val_size=0)
     test = make_source(name, "test", data_root=str(root))
     assert (len(train), len(test)) == (24, 12)
     assert train.image_shape == (1, 28, 28) and train.num_classes == 10
@@ -113,7 +113,7 @@ def test_image_size_resizes(tmp_path: Path) -> None:
 
 def test_cifar10_classes_from_meta(tmp_path: Path) -> None:
     root = _fake_cifar10(tmp_path)
-    train = make_source("cifar10", "train", data_root=root, verify=False)
+    train = make_source("cifar10", "train", data_root=root, verify=False, val_size=0)
     test = make_source("cifar10", "test", data_root=root, verify=False)
     assert (len(train), len(test)) == (20, 4)
     assert train.num_classes == 4 and train.image_shape == (3, 32, 32)
@@ -269,9 +269,9 @@ def _digit_windows(canvas: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
 def test_cluttered_mnist(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
     src = make_source("cluttered_mnist", "train", data_root=root)
-    assert src.image_shape == (1, 60, 60) and src.num_classes == 10 and len(src) == 24
+    assert src.image_shape == (1, 60, 60) and src.num_classes == 10 and len(src) == 24 - 2  # 2 carved for val
     plain = make_source("mnist", "train", data_root=root)
-    idx = torch.tensor([0, 7, 13, 23])
+    idx = torch.tensor([0, 7, 13, 21])
     x, y = src.get(idx)
     digits, labels = plain.get(idx)
     assert x.shape == (4, 1, 60, 60) and torch.equal(y, labels) and 0 <= x.min() and x.max() <= 1
@@ -332,7 +332,7 @@ def test_canvas_same_on_gpu(tmp_path: Path) -> None:
 
 def test_download_flag_is_a_no_op_when_files_exist(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
-    assert len(make_source("mnist", "train", data_root=root, download=True)) == 24
+    assert len(make_source("mnist", "train", data_root=root, download=True, val_size=0)) == 24
     assert len(make_source("cifar10", "test", data_root=_fake_cifar10(tmp_path), download=True, verify=False)) == 4
 
 
@@ -345,3 +345,31 @@ def test_svhn_without_scipy_says_so(tmp_path: Path) -> None:
             make_source("svhn", "train", data_root=tmp_path, verify=False)
     else:
         pytest.skip("scipy is installed")
+
+
+def test_validation_split_is_carved_from_train_and_held_out_of_it(tmp_path: Path) -> None:
+    root = _fake_mnist(tmp_path)
+    full = make_source("mnist", "train", data_root=root, val_size=0)
+    train, val = (make_source("mnist", split, data_root=root, val_size=5) for split in ("train", "val"))
+    assert (len(train), len(val)) == (19, 5)
+    x_all = full.get(torch.arange(24))[0].flatten(1)
+    x_train, x_val = train.get(torch.arange(19))[0].flatten(1), val.get(torch.arange(5))[0].flatten(1)
+    rows = {tuple(r.tolist()) for r in x_all}
+    assert {tuple(r.tolist()) for r in x_train} | {tuple(r.tolist()) for r in x_val} == rows
+    assert not {tuple(r.tolist()) for r in x_train} & {tuple(r.tolist()) for r in x_val}
+    again = make_source("mnist", "val", data_root=root, val_size=5).get(torch.arange(5))[0].flatten(1)
+    assert torch.equal(again, x_val)  # the same images every time
+    assert len(make_source("mnist", "val", data_root=root)) == 2  # default: a tenth, at most 5,000
+    with pytest.raises(ValueError, match="val_size=24 must leave train images"):
+        make_source("mnist", "val", data_root=root, val_size=24)
+
+
+def test_procedural_validation_images_are_neither_train_nor_test_images() -> None:
+    train, val, test = (make_source("glyphs", split, train_size=64, test_size=64, val_size=64)
+                        for split in ("train", "val", "test"))
+    images = [s.get(torch.arange(64))[0].flatten(1) for s in (train, val, test)]
+    assert len(val) == 64
+    for a, b in ((0, 1), (1, 2)):
+        assert not any(torch.equal(images[a][i], images[b][j]) for i in range(64) for j in range(64))
+    bigger = make_source("glyphs", "train", train_size=128).get(torch.arange(64, 128))[0].flatten(1)
+    assert torch.equal(bigger, images[1])  # val continues the train stream past train_size

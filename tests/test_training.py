@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gfenv.checkpoint import load_checkpoint, load_model
@@ -15,7 +17,7 @@ TINY = ["--stage", "1", "--env-kwargs", "train_size=64", "test_size=32", "--hype
 def test_stage1_cli_writes_a_checkpoint_the_env_loads(tmp_path):
     assert train_agent.main(["--stage", "1", "--epochs", "1", "--run-dir", str(tmp_path), *TINY]) == 0
     model, meta = load_model(tmp_path / "model.pt")
-    assert meta["stage"] == 1 and len(meta["test_accuracy_random"]) == model.config.steps
+    assert meta["stage"] == 1 and len(meta["val_accuracy_random"]) == model.config.steps
     assert (tmp_path / "tb").is_dir()
     env = GlanceFocusVectorEnv(num_envs=2, checkpoint=tmp_path / "model.pt",
                                dataset_kwargs={"train_size": 64, "test_size": 32})
@@ -73,3 +75,28 @@ def test_low_memory_options_train_on_cpu(tmp_path):
     low = train_agent.build_parser().parse_args(["--low-memory"])
     c, _ = train_agent.stage1_config(low)
     assert c.grad_checkpointing and c.accum_steps == 4 and c.amp == "bf16"
+
+
+def test_sigterm_saves_like_ctrl_c_and_the_run_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "train_agent.py"
+    args = [sys.executable, str(script), "--stage", "1", "--env-kwargs", "train_size=4096", "test_size=32",
+            "val_size=32", "--hyperparams", "eval_images=32", "checkpoint_every=100000", "--batch-size", "16",
+            "--epochs", "1", "--run-dir", str(tmp_path), "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stdout:  # the settings line, then the time estimate after a few iterations
+        lines.append(line)
+        if "s per iteration" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + out
+    assert "Interrupted at iteration" in out and "--resume" in out
+    assert 0 < load_checkpoint(tmp_path / "last.pt")["iteration"] < 256
+    assert "dataset=glyphs" in lines[0]  # what is being trained, printed at the start

@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V",
                    help="the task in the env's words over the env id's and the trained runs' (dataset=, data_root=, "
                         "canvas=, checkpoint=PATH, steps=, ...) and env settings (action=, grid=)")
-    p.add_argument("--split", default="test", choices=("test", "train"),
-                   help="images the agents are scored on (the budgeted thresholds are always fitted on train)")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"),
+                   help="images the agents are scored on: test (the final evaluation), val (carved from train: for "
+                        "choosing models and settings) or train; the budgeted thresholds are always fitted on train")
     p.add_argument("--episodes", type=int, default=1000, help="images per agent and seed (the first N, in order)")
     p.add_argument("--threshold-episodes", type=int, default=None, metavar="N",
                    help="train images that fit the budgeted-classification thresholds (default: 2 x --episodes; "

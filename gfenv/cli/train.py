@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,10 @@ def static_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 STAGES = {"1": stage1, "2": stage2, "3": stage3, "all": main_job, "static": static_stage}
 
 
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()  # no page faults on the env's big per-step tensors (gfenv.utils)
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM saves and exits like Ctrl-C (torchrun: GracefulStop)
     if args.agent is not None and args.stage in ("1", "static"):
         parser.error(f"--agent names the policy of stages 2 and 3 and the main job, not of --stage {args.stage}.")
     try:

@@ -82,7 +82,7 @@ class Stage1Config:
     channels_last: bool = False
     """Use the channels_last memory format (faster convolutions on recent GPUs)."""
     eval_images: int = 2000
-    """Test images for the accuracy printed after training."""
+    """Validation images (carved from train) for the accuracy printed after training."""
     log_every: int = 50
     """Iterations between TensorBoard scalars."""
     checkpoint_every: int = 500
@@ -149,6 +149,35 @@ def random_policy_accuracy(model: GFNetModel, source: ImageSource, images: int =
     return (correct / n * 100).tolist()
 
 
+class _Progress:
+    """What stage 1 prints, progress bar or not: its settings at the start, an estimate of the time it takes after a
+    few iterations, and one line per epoch."""
+
+    def __init__(self, cfg: Stage1Config, images: int, iters_per_epoch: int, start: int, total: int, run_dir: Path):
+        self.cfg, self.iters_per_epoch, self.start, self.total = cfg, iters_per_epoch, start, total
+        self.t0 = time.time()
+        self.eta_at = min(total, start + max(5, (total - start) // 50))
+        words = " ".join(f"{k}={v}" for k, v in cfg.task().items())
+        print(f"stage 1: {words}\n  {images} train images, {cfg.epochs:g} epochs = {total} iterations of "
+              f"{cfg.batch_size} images ({cfg.optimizer}, lr {cfg.backbone_lr:g}/{cfg.classifier_lr:g}, device "
+              f"{cfg.device}" + (f", resumed at {start}" if start else "") + f") -> {run_dir}", flush=True)
+
+    def iteration(self, it: int) -> None:
+        if it == self.eta_at:
+            per = (time.time() - self.t0) / (it - self.start)
+            print(f"  {per:.2f} s per iteration: about {per * (self.total - it) / 60:.1f} min to go", flush=True)
+
+    def epoch(self, it: int, sums: torch.Tensor) -> None:
+        done = (it - 1) // self.iters_per_epoch + 1
+        count = max(round(float(sums[1])), 1)
+        loss, acc = float(sums[0]) / count, (sums[2:] / count * 100).tolist()
+        elapsed = time.time() - self.t0
+        left = elapsed / (it - self.start) * (self.total - it) if it > self.start else 0.0
+        print(f"  epoch {done}/{math.ceil(self.total / self.iters_per_epoch)} (iteration {it}/{self.total}): loss "
+              f"{loss:.3f}, train accuracy at steps 1/T {acc[0]:.1f}/{acc[-1]:.1f} %; {elapsed / 60:.1f} min, about "
+              f"{left / 60:.1f} min to go", flush=True)
+
+
 def train_stage1(cfg: Stage1Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train stage 1; writes ``run_dir/last.pt`` (training state) and ``run_dir/model.pt``; returns the latter.
 
@@ -169,7 +198,7 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
     seed_everything(cfg.seed)
     with dist.main_first():  # a dataset download (download=True) happens once, on rank 0
         train = make_source(cfg.dataset, "train", device, **cfg.dataset_kwargs)
-        test = make_source(cfg.dataset, "test", device, **cfg.dataset_kwargs)
+        val = make_source(cfg.dataset, "val", device, **cfg.dataset_kwargs)
     c, h, w = train.image_shape
     check_patch_size(cfg.patch_size, h, w)
     if min(cfg.batch_size, len(train)) < world:
@@ -220,8 +249,10 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
     model.train()
     order = EpochOrder(len(train), cfg.batch_size, iters_per_epoch, cfg.seed, device)
     it = start
+    report = _Progress(cfg, len(train), iters_per_epoch, start, total, run_dir) if main else None
     bar = tqdm(total=total, initial=start, desc="stage 1", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
+    epoch_sums = torch.zeros(2 + cfg.steps, device=device)  # this epoch's summed loss, images and correct counts
     stop = dist.GracefulStop(device)
     try:
         with stop:
@@ -249,6 +280,15 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
                 sched.step()
                 it += 1
                 bar.update(1)
+                n_batch = torch.full((1,), float(idx.numel()), device=device)
+                epoch_sums += torch.cat([loss_sum.reshape(1).float() * n_batch, n_batch / world, correct.float()])
+                if report is not None:
+                    report.iteration(it)
+                if it % iters_per_epoch == 0 or it == total:  # one line per epoch, also without a progress bar
+                    sums = dist.all_reduce_sum(epoch_sums)
+                    if report is not None:
+                        report.epoch(it, sums)
+                    epoch_sums.zero_()
                 if it % cfg.log_every == 0 or it == total:
                     stats = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1).float(), correct.float()]))
                     loss_all, acc = float(stats[0]), (stats[1:] / idx.numel() * 100).tolist()
@@ -273,17 +313,18 @@ def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume
     save_state(it)
     out = run_dir / "model.pt"
     if main:
-        acc = random_policy_accuracy(model, test, cfg.eval_images, seed=cfg.seed)
+        acc = random_policy_accuracy(model, val, cfg.eval_images, seed=cfg.seed)
         for t, a in enumerate(acc):
-            writer.add_scalar(f"stage1/test_acc_random_step{t + 1}", a, it)
+            writer.add_scalar(f"stage1/val_acc_random_step{t + 1}", a, it)
         writer.close()
         save_checkpoint(out, {"format": "gfenv-model-v1", "config": model.config.to_dict(),
                               "model": model.state_dict(),
                               "meta": {"stage": 1, "env": cfg.env_id, "task": cfg.task(), "dataset": cfg.dataset,
                                        "dataset_kwargs": cfg.dataset_kwargs,
                                        "iterations": it, "seconds": round(time.time() - t0, 1),
-                                       "processes": world, "test_accuracy_random": [round(a, 2) for a in acc]}})
-        print(f"stage 1 done in {time.time() - t0:.0f} s on {world} process(es); test accuracy per step (random "
-              "patches): " + " ".join(f"{a:.1f}" for a in acc) + f"\nmodel: {out}")
+                                       "processes": world, "val_accuracy_random": [round(a, 2) for a in acc]}})
+        print(f"stage 1 done in {time.time() - t0:.0f} s on {world} process(es); validation accuracy per step "
+              f"({min(cfg.eval_images, len(val))} images, random patches): " + " ".join(f"{a:.1f}" for a in acc)
+              + f"\nmodel: {out}", flush=True)
     dist.barrier()
     return out

@@ -1,7 +1,9 @@
 """Stage 2 of GFNet (policy learning) for any learned agent: train on the train split with the stage-1 encoders and
-classifier frozen, evaluate on the test split, keep the best model, checkpoint, resume, and save on Ctrl-C.
+classifier frozen, evaluate on the validation split (carved from train), keep the best model, checkpoint, resume,
+and save on Ctrl-C or SIGTERM.
 
-Hyperparameters come rl-baselines3-zoo style from ``hyperparams/<agent>.yml`` (``default`` block, then the env id's).
+Hyperparameters come rl-baselines3-zoo style from ``gfenv/train/hyperparams/<agent>.yml`` (``default`` block, then the
+env id's).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class PolicyTrainingConfig:
     device: str = "cpu"
     """Torch device of the env and the policy."""
     eval_freq: int = 10_000
-    """Evaluate on the test split every this many timesteps (0: only at the end; negative: never)."""
+    """Evaluate on the validation split every this many timesteps (0: only at the end; negative: never)."""
     eval_episodes: int = 500
     """Test images per evaluation (always the first ones, so evaluations compare)."""
     checkpoint_freq: int = 50_000
@@ -98,10 +100,12 @@ def hyperparams_source(agent: str, env_id: str, folder: str | os.PathLike = HYPE
 
 
 # ------------------------------------------------------------------------------------------------------ callbacks
-class EvalOnTestSplit:
-    """Every ``eval_freq`` timesteps: accuracy per glimpse on the first ``episodes`` test images (deterministic
-    actions, ``gfenv.eval.evaluation.run_episodes``); logs ``eval/*`` to TensorBoard, appends to ``evaluations.jsonl``
-    and saves ``best_model`` when the score (mean accuracy after the focus steps, t = 2..T) improves."""
+class EvalOnValidation:
+    """Every ``eval_freq`` timesteps: accuracy per glimpse on the first ``episodes`` images of the validation split
+    (carved from train, so the test split stays untouched until the final evaluation; deterministic actions,
+    ``gfenv.eval.evaluation.run_episodes``); prints one line, logs ``eval/*`` to TensorBoard, appends to
+    ``evaluations.jsonl`` and saves ``best_model`` when the score (mean accuracy after the focus steps, t = 2..T)
+    improves."""
 
     def __init__(self, run_dir: Path, suffix: str, env_kwargs: dict[str, Any], eval_freq: int, episodes: int,
                  seed: int, device: str):
@@ -124,23 +128,28 @@ class EvalOnTestSplit:
 
     def evaluate(self, agent: LearnedAgent, num_timesteps: int) -> dict[str, Any]:
         if self._env is None:
-            self._env = GlanceFocusVectorEnv(num_envs=min(self.episodes, MAX_EVAL_ENVS), split="test",
+            self._env = GlanceFocusVectorEnv(num_envs=min(self.episodes, MAX_EVAL_ENVS), split="val",
                                              sampling="sequential", device=self.device,
                                              autoreset_mode=AutoresetMode.DISABLED,
                                              **cover_episodes(self.env_kwargs, self.episodes))
         result = run_episodes(agent, self._env, self.episodes, self.seed)
         acc = [round(a, 3) for a in result["accuracy"]]
         score = round(sum(acc[1:]) / max(len(acc) - 1, 1), 3)
-        record = {"timesteps": int(num_timesteps), "episodes": self.episodes, "score": score, "accuracy": acc,
+        record = {"timesteps": int(num_timesteps), "split": "val", "episodes": self.episodes, "score": score,
+                  "accuracy": acc,
                   "macs": [round(m) for m in result["macs"]], "glimpses": result["glimpses"]}
         with self.log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {"eval/score": score, "eval/accuracy_final": acc[-1], "eval/glimpses": result["glimpses"][-1]}
         scalars.update({f"eval/accuracy_t{t + 1}": a for t, a in enumerate(acc)})
         agent.log_scalars(scalars, num_timesteps)
-        if score > self.best:
+        better = score > self.best
+        if better:
             self.best = score
             agent.save(self.run_dir / f"best_model{self.suffix}")
+        print(f"  {num_timesteps:>9,} timesteps: validation accuracy per glimpse ({self.episodes} images) "
+              + " ".join(f"{a:.1f}" for a in acc) + (" (best so far: saved best_model)" if better else ""),
+              flush=True)
         self.last_eval = num_timesteps
         return record
 
@@ -210,7 +219,7 @@ def train_policy(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike, resume: 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
     suffix = _suffix(agent)
-    evaluator = EvalOnTestSplit(run_dir, suffix, config["env_kwargs"], cfg.eval_freq, cfg.eval_episodes,
+    evaluator = EvalOnValidation(run_dir, suffix, config["env_kwargs"], cfg.eval_freq, cfg.eval_episodes,
                                 config["seed"], cfg.device)
     saver = PeriodicCheckpoint(run_dir, suffix, cfg.checkpoint_freq, start=agent.num_timesteps)
     remaining = config["timesteps"] - agent.num_timesteps
@@ -228,8 +237,8 @@ def train_policy(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike, resume: 
         evaluator.evaluate(agent, agent.num_timesteps)
     if evaluator.history():
         best = max(evaluator.history(), key=lambda r: r["score"])
-        print(f"stage 2 ({config['agent']}) done: {agent.num_timesteps} timesteps; best test accuracy per glimpse "
-              f"({best.get('episodes', '?')} images, at {best['timesteps']} timesteps): "
+        print(f"stage 2 ({config['agent']}) done: {agent.num_timesteps} timesteps; best accuracy per glimpse "
+              f"({best.get('episodes', '?')} {best.get('split', 'test')} images, at {best['timesteps']} timesteps): "
               + " ".join(f"{a:.1f}" for a in best["accuracy"]) + f"\nrun: {run_dir}")
     return agent
 
