@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage-2 runs of the learned agents, 3 seeds each, into runs/seeds/<agent>_s<seed>; then the table, with
 #   python evaluate_agent.py --agents random,center,oracle,ppo=runs/seeds/ppo_s{seed},... --seeds 0,1,2 --episodes 1000
-# (the full command is in README.md). SEEDS="0" runs one seed of the second loop only.
+# (the full command is in docs/results.md). SEEDS="0" runs one seed of the second loop only.
 cd "$(dirname "$0")/.."
 for seed in 0 1 2; do
   .venv/bin/python train_agent.py --stage 2 --agent ppo --timesteps 60000 --seed $seed --eval-freq 0 --eval-episodes 1000 --checkpoint-freq 0 --no-progress --run-dir runs/seeds/ppo_s$seed

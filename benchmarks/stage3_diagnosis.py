@@ -18,8 +18,8 @@ import sys
 import torch
 from gymnasium.vector.vector_env import AutoresetMode
 
-from agents import load_agent
 from gfenv.env import GlanceFocusVectorEnv
+from gfenv.train.runs import load_agent
 
 
 def main(argv: list[str] | None = None) -> int:
