@@ -291,3 +291,50 @@ def test_gfnet_checkpoint_report_is_printed_and_its_errors_exit_2(monkeypatch, c
     assert "report of r50.pth.tar on /data/imagenet (cpu)" in capsys.readouterr().out
     assert evaluate_agent.main(["--gfnet-checkpoint", "bad.pth.tar"]) == 2
     assert "error: not a GFNet checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture
+def short_task():
+    """A second embedded task: the default task's data and shipped encoders with episodes of T = 3."""
+    from gfenv.task import TASKS, Task, register_task
+
+    task = register_task(Task("gfenv/ShortSuiteTest-v0", {"steps": 3}, "test task", checkpoint="glyphs_small_cnn.pt"))
+    yield task.env_id
+    TASKS.pop(task.env_id)
+    gymnasium.registry.pop(task.env_id)
+
+
+def test_suite_scores_each_task_and_averages_them_per_agent(tmp_path, short_task, monkeypatch):
+    _fake_runs(tmp_path / "GlanceFocus-v0", (0, 1))
+    _fake_runs(tmp_path / "ShortSuiteTest-v0", (0, 1), env=short_task)
+    monkeypatch.setattr(evaluate_agent, "load_agent", lambda path, device="cpu": StopHalf())
+    out, md = tmp_path / "suite.json", tmp_path / "suite.md"
+    assert evaluate_agent.main(["--suite", "--envs", f"gfenv/GlanceFocus-v0,{short_task}", "--agents",
+                                f"center,raster,stopper={tmp_path}/{{env}}/run_s{{seed}}", "--seeds", "0,1",
+                                "--episodes", "6", "--num-envs", "6", "--threshold-episodes", "0", "--no-progress",
+                                "--json", str(out), "--markdown", str(md)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["envs"]) == {"gfenv/GlanceFocus-v0", short_task}
+    assert len(report["envs"][short_task]["agents"]["center"]["accuracy"]) == 3
+    suite = report["suite"]
+    assert set(suite) == {"random", "oracle", "center", "raster"}  # stopper needs grid+stop: skipped, not a crash
+    for label in ("center", "raster"):
+        per_task = [report["envs"][e]["agents"][label]["per_seed"] for e in report["envs"]]
+        expected = [sum(t[s]["score"][-1] for t in per_task) / 2 for s in ("0", "1")]
+        assert suite[label]["per_seed"] == pytest.approx(dict(zip(("0", "1"), expected)))
+        assert suite[label]["score"] == pytest.approx(sum(expected) / 2)
+    assert suite["oracle"]["score"] == pytest.approx(100.0) and suite["random"]["score"] == pytest.approx(0.0)
+    text = md.read_text()
+    assert "## Suite score" in text and "stopper on gfenv/GlanceFocus-v0" in text and "grid+stop" in text
+
+
+@pytest.mark.parametrize(("envs", "named"), [
+    ("gfenv/Nope-v0", "Unknown task 'gfenv/Nope-v0'"),
+    ("gfenv/GlanceFocus-v0,gfenv/ClutteredMNIST60-v0", "gfenv/ClutteredMNIST60-v0 cannot join the suite"),
+])
+def test_suite_refuses_a_task_it_cannot_run_before_running_anything(tmp_path, capsys, envs, named):
+    md = tmp_path / "suite.md"
+    assert evaluate_agent.main(["--suite", "--envs", envs, "--episodes", "4", "--no-progress",
+                                "--markdown", str(md)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1 and not md.exists()

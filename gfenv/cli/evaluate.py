@@ -4,12 +4,15 @@ classification, the oracle-normalised score, mean ± std over seeds; tables, JSO
     python evaluate_agent.py --agents random,center,raster,oracle --episodes 1000 --json runs/eval/baselines.json
     python evaluate_agent.py --agents random,oracle,ppo=runs/seeds/ppo_s{seed} --seeds 0,1,2 \\
         --markdown runs/leaderboard/default.md --plots runs/leaderboard --pictures runs/leaderboard/patches.png
-    python evaluate_agent.py --leaderboard --agents random,center,oracle --seeds 0,1,2 --markdown runs/board.md
+    python evaluate_agent.py --suite --agents random,center,raster,ppo=runs/suite/{env}/ppo_s{seed} --seeds 0,1,2 \
+        --markdown runs/suite.md --json runs/suite.json
 
 Agents: registered names (baselines get each seed) or LABEL=RUN_DIR for a trained stage-2 run; RUN_DIR may hold
 {seed} (each seed's own run) and {env} (the env id's name, e.g. GlanceFocus-v0). The oracle-normalised score
 100 (agent - random) / (oracle - random) appears when random and oracle are both among the agents (the default
-set has them; --leaderboard always adds them).
+set has them; --suite and --leaderboard always add them). --suite runs the embedded tasks (stage-1 encoders shipped)
+and prints a suite score per agent; --leaderboard does the same over every registered task whose data and checkpoint
+are at hand.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import gymnasium
 from agents import AGENTS, make_agent
 from gfenv import ENV_ID
 from gfenv.env import GlanceFocusVectorEnv
-from gfenv.eval.evaluation import benchmark, format_table, oracle_normalised, render_episodes
+from gfenv.eval.evaluation import DEFAULT_ACTION, benchmark, format_table, oracle_normalised, render_episodes
 from gfenv.eval.leaderboard import LEGEND, format_budgeted, leaderboard_rows, markdown_leaderboard, markdown_report
+from gfenv.eval.suite import check_suite_tasks, embedded_tasks, suite_markdown, suite_scores, suite_text
+from gfenv.rollout import agent_env_kwargs, check_action_mode
 from gfenv.task import canonical_words, task_words
 from gfenv.train.runs import load_agent, read_config, run_folder
 from gfenv.utils import keep_freed_memory, parse_kv
@@ -77,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaderboard", action="store_true",
                    help="run the agents on every env of --envs (default: all registered gfenv ids) and write the "
                         "leaderboard (--markdown); envs without data or checkpoint are skipped")
-    p.add_argument("--envs", default=None, metavar="ID1,ID2", help="envs of --leaderboard")
+    p.add_argument("--suite", action="store_true",
+                   help="the benchmark suite: the agents on every embedded task (or --envs), each task's accuracy at "
+                        "each step, MACs and oracle-normalised score, and a suite score per agent (the mean normalised "
+                        "score over the tasks, mean ± std over seeds); a LABEL=RUN_DIR template may hold {env}")
+    p.add_argument("--envs", default=None, metavar="ID1,ID2", help="tasks of --suite or --leaderboard")
     p.add_argument("--gfnet-checkpoint", default=None, metavar="PATH",
                    help="print a report on an official GFNet checkpoint (.pth.tar) and exit")
     p.add_argument("--data-root", default=None, metavar="PATH", help="ImageNet folder for --gfnet-checkpoint")
@@ -269,11 +278,18 @@ def write_text(path: str, text: str) -> None:
     out.write_text(text)
 
 
-def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seeds: list[int], command: str) -> int:
-    envs = [e.strip() for e in args.envs.split(",") if e.strip()] if args.envs else gfenv_ids()
-    unknown = [e for e in envs if e not in gymnasium.registry]
+def run_suite(args: argparse.Namespace, specs: dict[str, str | None], seeds: list[int], command: str) -> int:
+    """``--suite`` (the embedded tasks, or ``--envs``; a task that cannot run is refused before anything runs) and
+    ``--leaderboard`` (every registered task, or ``--envs``; tasks without data or checkpoint are skipped): every agent
+    on every task, each task's table, and the suite score per agent."""
+    registered = gfenv_ids()
+    envs = [e.strip() for e in args.envs.split(",") if e.strip()] if args.envs else (
+        embedded_tasks() if args.suite else registered)
+    if args.suite:
+        check_suite_tasks(envs, registered)
+    unknown = [e for e in envs if e not in registered]
     if unknown:
-        raise ValueError(f"Unknown env id(s) {', '.join(unknown)}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
+        raise ValueError(f"Unknown env id(s) {', '.join(unknown)}. Registered gfenv ids: {', '.join(registered)}.")
     specs = {**{r: None for r in REFERENCES if r not in specs}, **specs}
     rows, reports, skipped = [], {}, []
     for env_id in envs:
@@ -288,6 +304,8 @@ def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seed
         for label, template in specs.items():
             try:
                 trained_runs({label: template}, seeds, env_id)
+                agent = agent_factory({label: template}, env_id, args.device)(seeds[0])[label]
+                check_action_mode(agent, agent_env_kwargs(agent, env_kwargs).get("action", DEFAULT_ACTION), label)
                 usable[label] = template
             except (FileNotFoundError, ValueError) as err:
                 skipped.append(f"{label} on {env_id}: {err}")
@@ -298,16 +316,20 @@ def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seed
         write_outputs(args, report, suffix="_" + env_id.split("/")[-1])
         reports[env_id] = report
         rows += leaderboard_rows(env_id, report["agents"], report.get("static"))
+    scores = suite_scores(reports)
+    print(suite_text(scores, list(reports)))
     order = list(dict.fromkeys(row["algo"] for row in rows))
     rows.sort(key=lambda row: (order.index(row["algo"]), row["env_id"]))
-    text = "\n".join(["# gfenv leaderboard", "", f"{args.episodes} {args.split} images per seed, seeds "
-                      f"{', '.join(map(str, seeds))}.", "", "```", command, "```", "", markdown_leaderboard(rows),
-                      "", LEGEND, *(["", "Skipped:", "", *(f"- {s}" for s in skipped)] if skipped else [])]) + "\n"
-    print(text)
+    text = "\n".join(["# gfenv benchmark suite" if args.suite else "# gfenv leaderboard", "",
+                      f"{args.episodes} {args.split} images per seed, seeds {', '.join(map(str, seeds))}.", "", "```",
+                      command, "```", "", markdown_leaderboard(rows), "", LEGEND, "",
+                      suite_markdown(scores, list(reports)),
+                      *(["", "Skipped:", "", *(f"- {s}" for s in skipped)] if skipped else [])]) + "\n"
     if args.markdown:
         write_text(args.markdown, text)
     if args.json:
-        write_text(args.json, json.dumps(json_safe({"envs": reports, "skipped": skipped}), indent=2) + "\n")
+        write_text(args.json, json.dumps(json_safe({"envs": reports, "suite": scores, "skipped": skipped}),
+                                         indent=2) + "\n")
     return 0
 
 
@@ -338,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python evaluate_agent.py " + shlex.join(argv)
     start = time.time()
     try:
-        if args.leaderboard:
-            code = run_leaderboard(args, specs, seeds, command)
+        if args.leaderboard or args.suite:
+            code = run_suite(args, specs, seeds, command)
             print(f"wall time {time.time() - start:.0f} s")
             return code
         env_id, env_kwargs = shared_task(args, specs, seeds[0])
