@@ -31,7 +31,7 @@ from torch import nn
 from agents.features import GlanceFocusExtractor
 from agents.learned import LearnedAgent, TrainingCallback, register_learned_agent
 from gfenv.checkpoint import atomic_write
-from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
+from gfenv.env import ACTION_MODES, GRID_MODES, GlanceFocusVectorEnv
 from gfenv.flops import count_macs
 from gfenv.rollout import FIXED_ENV_KWARGS, action_mode_error
 from gfenv.sb3 import to_sb3
@@ -83,7 +83,6 @@ class SB3Spec:
         return "dict" if self.dict_policy else "flat"
 
 
-GRID_MODES = ("grid", "grid+stop")
 SB3_SPECS: dict[str, SB3Spec] = {
     "ppo": SB3Spec(PPO, ACTION_MODES, "grid", "MultiInputPolicy"),
     "a2c": SB3Spec(A2C, ACTION_MODES, "grid", "MultiInputPolicy"),

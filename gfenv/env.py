@@ -28,6 +28,7 @@ from gfenv.rewards import Reward, RewardFn, check_finite
 from gfenv.task import ASSETS, resolve_task
 
 ACTION_MODES = ("continuous", "grid", "grid+stop")
+GRID_MODES = tuple(m for m in ACTION_MODES if m != "continuous")  # discrete modes: a grid cell (or stop) per step
 OBSERVATION_MODES = ("dict", "gfnet", "flat")
 DEFAULT_CHECKPOINT = ASSETS / "glyphs_small_cnn.pt"
 FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker refuses infinite Box bounds

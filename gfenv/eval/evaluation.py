@@ -117,6 +117,7 @@ def run_episodes(agent: AgentLike, env: GlanceFocusVectorEnv, episodes: int, see
     result = {"accuracy": (100.0 * mean[:, 0]).tolist(), "macs": mean[:, 1].tolist(),
               "confidence": mean[:, 2].tolist(), "true_class_confidence": mean[:, 3].tolist(),
               "glimpses": mean[:, 4].tolist(), "episodes": episodes, "steps": steps, "action": env.action_mode,
+              "stop_action": env.stop_action is not None,
               "policy_macs_per_step": policy_macs,
               "macs_parts": {"glance_encoder": env.macs["glance_encoder"], "focus_encoder": env.macs["focus_encoder"],
                              "classifier": env.macs["classifier"], "policy": policy_macs}}
@@ -233,7 +234,7 @@ def summarise_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
                 points.append({"p": point["p"], "macs": macs[0], "macs_std": macs_std[0], "accuracy": acc[0],
                                "accuracy_std": acc_std[0]})
             out["budgeted"] = points
-        if base["action"] == "grid+stop":
+        if base.get("stop_action"):
             out["learned_stop"] = {"macs": out["macs"][-1], "accuracy": out["accuracy"][-1],
                                    "glimpses": out["glimpses"][-1]}
         out["seeds"] = seeds

@@ -135,7 +135,7 @@ class Stage3Wrapper(VectorWrapper):
             raise TypeError(f"Stage3Wrapper needs a GlanceFocusVectorEnv, got {type(base).__name__}.")
         self.base = base
         self.config = config or Stage3Config()
-        self.lockstep = base.action_mode != "grid+stop"
+        self.lockstep = base.lockstep
         self.trainable_model = copy.deepcopy(base.model)
         if self.config.channels_last:
             self.trainable_model = self.trainable_model.to(memory_format=torch.channels_last)
