@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from agents.base import Agent, register_agent
-from gfenv.env import GlanceFocusVectorEnv
+from gfenv.env import GRID_MODES, GlanceFocusVectorEnv
 
 CENTER_THEN_CORNERS = ((0.5, 0.5), (0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))
 
@@ -38,9 +38,9 @@ def to_continuous(locations: torch.Tensor) -> torch.Tensor:
 
 def cells_to_actions(cells: torch.Tensor, env: GlanceFocusVectorEnv) -> torch.Tensor:
     """Cell indices as the env's actions: the indices themselves, or their locations in continuous mode."""
-    if env.action_mode == "continuous":
-        return to_continuous(patch_locations(cells, env))
-    return cells.long()
+    if env.action_mode in GRID_MODES:
+        return cells.long()
+    return to_continuous(patch_locations(cells, env))
 
 
 def cell_sequence(first: list[int], num_cells: int, device: torch.device) -> torch.Tensor:
@@ -92,7 +92,7 @@ class RandomAgent(Agent):
 
     def act(self, obs: Any, env: GlanceFocusVectorEnv) -> torch.Tensor:
         gen, n = self.generator(env.device), env.num_envs
-        if env.action_mode == "continuous":
+        if env.action_mode not in GRID_MODES:
             return torch.rand(n, 2, generator=gen, device=env.device) * 2.0 - 1.0
         scores = torch.rand(n, env.grid * env.grid, generator=gen, device=env.device)
         return unvisited_argmax(scores, env.visited)
@@ -111,7 +111,7 @@ class CenterAgent(SequenceAgent):
         g, mid, last = env.grid, env.grid // 2, env.grid - 1
         fixed = [mid * g + mid, 0, last, last * g, last * g + last]
         order = cell_sequence(fixed, g * g, env.device)
-        if env.action_mode != "continuous":
+        if env.action_mode in GRID_MODES:
             return order
         rest = order[len(set(fixed)):]
         exact = torch.tensor(CENTER_THEN_CORNERS, dtype=torch.float32, device=env.device)

@@ -286,7 +286,7 @@ class SB3Agent(LearnedAgent):
             actions, _ = self.model.predict(np_obs, deterministic=deterministic, action_masks=env.action_masks())
         else:
             actions, _ = self.model.predict(np_obs, deterministic=deterministic)
-        dtype = torch.float32 if env.action_mode == "continuous" else torch.long
+        dtype = torch.long if env.action_mode in GRID_MODES else torch.float32
         return torch.as_tensor(np.asarray(actions), device=env.device).to(dtype)
 
     @cached_property

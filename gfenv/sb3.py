@@ -18,7 +18,7 @@ from gymnasium.vector.vector_env import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from gfenv.env import GlanceFocusVectorEnv
+from gfenv.env import GRID_MODES, GlanceFocusVectorEnv
 
 INFO_KEYS = ("prediction", "confidence", "correct", "macs", "step")
 EPISODE_KEYS = ("correct", "macs")
@@ -178,7 +178,7 @@ class SB3VecEnv(VecEnv):
         return [self.base.render_slot(i) for i in indices]
 
     def _check_masks(self, name: str) -> None:
-        if name == "action_masks" and self.base.action_mode == "continuous":
+        if name == "action_masks" and self.base.action_mode not in GRID_MODES:
             raise AttributeError("action_masks exists for the grid action modes only (action='grid' or 'grid+stop').")
 
 
