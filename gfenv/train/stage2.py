@@ -210,7 +210,9 @@ def train_policy(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike, resume: 
         if (run_dir / CONFIG).exists():
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume or pick another --run-dir.")
         config = resolve_config(cfg)
-        resolve_task(task_words(config["env_kwargs"]))  # no stage-1 checkpoint: the error says how to train one
+        # the whole task, as the stage-1 checkpoint records it (its data, data_root), goes into the run's config.yml;
+        # without a stage-1 checkpoint the error says how to train one
+        config["env_kwargs"].update(resolve_task(task_words(config["env_kwargs"])).words)
         agent = make_agent(config["agent"], env_kwargs=config["env_kwargs"], num_envs=config["num_envs"], seed=cfg.seed,
                            device=cfg.device, hyperparams=config["hyperparams"], tensorboard_log=str(run_dir / "tb"))
         config["env_kwargs"] = dict(agent.env_kwargs)
