@@ -60,3 +60,16 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
         key, value = item.split("=", 1)
         out[key.strip()] = parse_value(value.strip())
     return out
+
+
+def import_modules(names: list[str] | None) -> None:
+    """Import the user's modules named by ``--import`` (their register_* calls add rewards, datasets, agents,
+    tasks or backbones before the command reads its arguments); ValueError naming the module that fails."""
+    import importlib
+
+    for name in names or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"--import {name}: cannot import it ({err}); give a module on the Python path, e.g. "
+                             f"my_extensions for ./my_extensions.py.") from err

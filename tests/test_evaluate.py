@@ -338,3 +338,26 @@ def test_suite_refuses_a_task_it_cannot_run_before_running_anything(tmp_path, ca
                                 "--markdown", str(md)]) == 2
     err = capsys.readouterr().err
     assert named in err and len(err.strip().splitlines()) == 1 and not md.exists()
+
+
+def test_import_option_brings_a_users_registered_agent_to_the_command_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_gfenv_agents.py").write_text(
+        "from agents import Agent, register_agent\n\n"
+        "@register_agent('first_free_test')\n"
+        "class FirstFree(Agent):\n"
+        "    name, supported_actions = 'first_free_test', frozenset({'grid'})\n\n"
+        "    def act(self, obs, env):\n"
+        "        return (~env.visited).float().argmax(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "eval.json"
+    args = ["--agents", "first_free_test", "--env-kwargs", "action=grid", "--episodes", "4", "--num-envs", "4",
+            "--threshold-episodes", "0", "--no-progress", "--json", str(out)]
+    try:
+        assert evaluate_agent.main(["--import", "my_gfenv_agents", *args]) == 0
+        assert "first_free_test" in json.loads(out.read_text())["agents"]
+    finally:
+        from agents import AGENTS
+
+        AGENTS.pop("first_free_test", None)
+    assert evaluate_agent.main(["--import", "no_such_module_here", *args]) == 2
+    assert "--import no_such_module_here" in capsys.readouterr().err

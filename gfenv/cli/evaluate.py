@@ -37,7 +37,7 @@ from gfenv.eval.suite import check_suite_tasks, embedded_tasks, suite_markdown, 
 from gfenv.rollout import agent_env_kwargs, check_action_mode
 from gfenv.task import canonical_words, task_words
 from gfenv.train.runs import load_agent, read_config, run_folder
-from gfenv.utils import keep_freed_memory, parse_kv
+from gfenv.utils import import_modules, keep_freed_memory, parse_kv
 
 REFERENCES = ("random", "oracle")
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a report on an official GFNet checkpoint (.pth.tar) and exit")
     p.add_argument("--data-root", default=None, metavar="PATH", help="ImageNet folder for --gfnet-checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (its register_reward/dataset/agent/task/backbone calls); repeatable")
     return p
 
 
@@ -348,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        import_modules(args.imports)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     keep_freed_memory()  # no page faults on the env's big per-step tensors (gfenv.utils)
     if args.gfnet_checkpoint:
         return gfnet_checkpoint(args)

@@ -42,7 +42,7 @@ import gymnasium
 
 from gfenv import ENV_ID
 from gfenv.task import canonical_words, recorded_task, resolve_task, task_words
-from gfenv.utils import keep_freed_memory, parse_kv
+from gfenv.utils import import_modules, keep_freed_memory, parse_kv
 
 
 def task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from <run-dir>/last.* (stage 2 without --run-dir: the agent's latest run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage 1 still prints each epoch)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (its register_reward/dataset/agent/task/backbone calls); repeatable")
     return p
 
 
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.agent is not None and args.stage in ("1", "static"):
         parser.error(f"--agent names the policy of stages 2 and 3 and the main job, not of --stage {args.stage}.")
     try:
+        import_modules(args.imports)
         return STAGES[args.stage](args)
     except KeyboardInterrupt:
         return 130
