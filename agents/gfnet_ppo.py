@@ -412,10 +412,11 @@ class GFNetPPOAgent(LearnedAgent):
         save_checkpoint(path, payload)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> GFNetPPOAgent:
+    def load(cls, path: str | os.PathLike, device: str = "cpu", trust_pickled_zip: bool = False,
+             **kwargs: Any) -> GFNetPPOAgent:
         """Rebuild a saved agent on ``device``, ready to act; ``kwargs`` (``num_envs``, ``seed``, ``tensorboard_log``)
         override the stored constructor arguments for further training. The training env is built only by ``learn``.
-        """
+        The file is always read with ``weights_only=True`` (``trust_pickled_zip`` concerns SB3 zips only)."""
         payload = load_checkpoint(path, map_location=device)
         if payload.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a gfnet_ppo checkpoint (format {payload.get('format')!r}, expected "

@@ -111,39 +111,59 @@ def load_weights(source: str | os.PathLike | bytes, label: str, map_location: An
                 f"refuses: a full load would run code from the file. gfenv writes only tensors and plain values, so "
                 f"this file was not written by gfenv (or was altered); do not load it unless you trust where it came "
                 f"from.") from None
-        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else "UnpicklingError"
+        detail = (text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip()
+                  else "UnpicklingError")
         raise CheckpointError(f"{label} is corrupt or truncated, or not a torch weights file, and cannot be read "
                               f"({detail}); delete it and re-create it (re-run the run that wrote it).") from err
     except Exception as err:
         detail = f"{type(err).__name__}: {err}".split(". ")[0] if str(err) else type(err).__name__
-        empty = isinstance(source, bytes) and not source or not isinstance(source, bytes) and _is_empty(source)
+        empty = (isinstance(source, bytes) and not source) or (not isinstance(source, bytes) and _is_empty(source))
         raise CheckpointError(
             f"{label} is {'empty' if empty else 'corrupt or truncated'} and cannot be read ({detail}); "
             f"delete it and re-create it (re-run the run that wrote it).") from err
 
 
 def _pickled_globals(source: str | os.PathLike | bytes, limit: int = 1 << 24) -> list[str]:
-    """The Python names a plain pickle would import (its GLOBAL and STACK_GLOBAL opcodes), read with ``pickletools``
-    without running anything; [] for data that is not a pickle."""
-    import pickletools
-
+    """``pickle_globals`` of a file (its first ``limit`` bytes) or of bytes; [] for data that is not a pickle."""
     try:
         if isinstance(source, bytes):
-            data = source
-        else:
-            with Path(source).open("rb") as f:
-                data = f.read(limit)
-        names, strings = [], []
+            return pickle_globals(source)
+        with Path(source).open("rb") as f:
+            return pickle_globals(f.read(limit))
+    except ValueError:
+        return []
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """The Python names (``module.name``) a pickle would import and call, read with ``pickletools`` without running
+    anything (GLOBAL, and STACK_GLOBAL with its two strings, pushed or fetched from the memo); ValueError when
+    ``data`` is not a whole pickle (empty, truncated or garbage), saying where it stops."""
+    import pickletools
+
+    names: list[str] = []
+    strings: list[Any] = []  # the values of the string pushes and memo fetches, in order
+    memo: dict[int, Any] = {}
+    try:
         for op, arg, _ in pickletools.genops(data):
             if op.name == "GLOBAL":
                 names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
+            elif op.name == "STACK_GLOBAL":
+                module, name = strings[-2:] if len(strings) >= 2 else (None, None)
+                names.append(f"{module}.{name}")
+            elif op.name in ("MEMOIZE",):
+                memo[len(memo)] = strings[-1] if strings else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = strings[-1] if strings else None
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                strings.append(memo.get(int(arg)))
+            elif (isinstance(arg, str) and "UNICODE" in op.name) or op.name in ("STRING", "BINSTRING",
+                                                                              "SHORT_BINSTRING"):
                 strings.append(arg)
-        return names
-    except Exception:
-        return []
+    except Exception as err:
+        raise ValueError(f"not a whole pickle ({err})") from None
+    if not data:
+        raise ValueError("empty")
+    return names
 
 
 def _is_empty(path: str | os.PathLike) -> bool:
