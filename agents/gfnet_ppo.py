@@ -25,6 +25,7 @@ from gfenv.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.flops import count_macs
 from gfenv.rollout import FIXED_ENV_KWARGS, check_action_mode, play_batch
+from gfenv.utils import check_fields
 
 FORMAT = "gfenv-gfnet-ppo-v1"
 RETURN_EPS = 1e-5
@@ -59,6 +60,7 @@ class GFNetPPOConfig:
     """Channels of the ``conv`` state encoder's 1x1 convolution."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "gfnet_ppo hyperparameter")  # types first: a string where a number goes is named
         if self.state_encoder not in STATE_ENCODERS:
             raise ValueError(f"Unknown state_encoder {self.state_encoder!r}; choose one of {sorted(STATE_ENCODERS)}.")
         checks = {"learning_rate": self.learning_rate > 0, "gamma": 0.0 <= self.gamma <= 1.0,

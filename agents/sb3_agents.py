@@ -185,7 +185,14 @@ def check_hyperparams(name: str, hyperparams: Mapping[str, Any]) -> None:
     here are checked against the type of the algorithm's default (an int default wants an int, a float default a
     number, a bool default a bool)."""
     spec = SB3_SPECS[name]
+    zoo_only = sorted({"n_envs", "n_timesteps", "env_kwargs"} & set(hyperparams))
+    if zoo_only:
+        raise ValueError(f"{', '.join(zoo_only)} belong to the trainer (gfenv.train.stage2), not to {name}'s kwargs.")
     defaults = {k: p.default for k, p in inspect.signature(spec.algo.__init__).parameters.items()}
+    valid = set(defaults) - {"self", "env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model"}
+    unknown = sorted(set(hyperparams) - valid)
+    if unknown:
+        raise ValueError(f"Unknown {name} hyperparameter(s) {', '.join(unknown)}. Valid: {', '.join(sorted(valid))}.")
     for key, value in hyperparams.items():
         label = f"{name} hyperparameter {key}"
         if key in POSITIVE_INTS:
@@ -267,14 +274,6 @@ def sb3_kwargs(name: str, hyperparams: Mapping[str, Any], env: GlanceFocusVector
     ``features_extractor_class`` replaces it). Without ``policy`` the observation mode picks it; a Dict policy
     named for a Box observation (``flat``, ``gfnet``) becomes its Mlp counterpart (``BOX_POLICIES``)."""
     spec = SB3_SPECS[name]
-    zoo_only = sorted({"n_envs", "n_timesteps", "env_kwargs"} & set(hyperparams))
-    if zoo_only:
-        raise ValueError(f"{', '.join(zoo_only)} belong to the trainer (gfenv.train.stage2), not to {name}'s kwargs.")
-    valid = set(inspect.signature(spec.algo.__init__).parameters) - {"self", "env", "seed", "device", "verbose",
-                                                                       "tensorboard_log", "_init_setup_model"}
-    unknown = sorted(set(hyperparams) - valid)
-    if unknown:
-        raise ValueError(f"Unknown {name} hyperparameter(s) {', '.join(unknown)}. Valid: {', '.join(sorted(valid))}.")
     check_hyperparams(name, hyperparams)
     kwargs = {k: _schedule(v) for k, v in hyperparams.items()}
     dict_obs = env.observation_mode == "dict"
@@ -734,8 +733,9 @@ def build_sb3_agent(name: str, env_kwargs: Mapping[str, Any] | None = None, num_
                     tensorboard_log: str | None = None) -> SB3Agent:
     """A fresh ``name`` agent with its SB3 model on ``to_sb3(num_envs, seed, split="train", **env_kwargs)``."""
     env_kwargs = resolve_env_kwargs(name, env_kwargs)
-    venv = to_sb3(num_envs=num_envs, seed=seed, device=device, split="train", **env_kwargs)
     hyperparams = dict(hyperparams or {})
+    check_hyperparams(name, hyperparams)  # before the env is built: a bad value fails at once
+    venv = to_sb3(num_envs=num_envs, seed=seed, device=device, split="train", **env_kwargs)
     if issubclass(SB3_SPECS[name].algo, ARS):
         hyperparams.setdefault("n_eval_episodes", num_envs)  # one episode per slot for each candidate
     env = _gfenv(venv)

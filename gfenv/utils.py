@@ -240,9 +240,9 @@ def check_fields(obj: Any, what: str, limits: dict[str, dict[str, Any]] | None =
         optional = type(None) in args
         kinds = [a for a in args if a is not type(None)] or [hint]
         rule = dict(limits.get(f.name, {}))
-        name = f"{f.name} ({what})" if what else f.name
+        name = f"{what} {f.name}" if what else f.name
         if "choices" in rule:
-            setattr(obj, f.name, check_choice(f.name if not what else name, value, rule["choices"], none=optional))
+            setattr(obj, f.name, check_choice(name, value, rule["choices"], none=optional))
             continue
         kind = kinds[0] if len(kinds) == 1 else None
         if kind is bool:

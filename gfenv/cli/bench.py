@@ -8,13 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch  # noqa: F401  (tests look up torch.cuda here)
+
 from gfenv.bench import KEYS, format_report, run
 from gfenv.bench import __doc__ as BENCH_DOC
 from gfenv.cli import add_common_flags, run_command
 from gfenv.utils import argument, check_device, check_output, keep_freed_memory
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gfenv.bench", description=BENCH_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -35,17 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the batched steps")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     add_common_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     keep_freed_memory()  # as the project's scripts do (gfenv.utils): no page faults on big per-step tensors
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     unknown = sorted(set(skip) - set(KEYS))
     if unknown:
         p.error(f"Unknown measure(s) {unknown} in --skip; valid: {', '.join(KEYS)}.")
+    try:
+        check_device(args.device, "--device")
+    except ValueError as err:
+        p.error(str(err))
     return run_command(lambda a: _bench(a, skip), args)
 
 
 def _bench(args: argparse.Namespace, skip: tuple[str, ...]) -> int:
-    check_device(args.device, "--device")
     if args.json:
         check_output(args.json, "--json")
     report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cycles, args.cache_images,

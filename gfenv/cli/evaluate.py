@@ -186,7 +186,8 @@ def agent_factory(specs: dict[str, str | None], env_id: str, device: str, trust_
             else:
                 path = run_dir(template, seed, env_id)
                 if path not in loaded:
-                    loaded[path] = load_agent(path, device=device, trust_pickled_zip=trust_pickled_zip)
+                    trust = {"trust_pickled_zip": True} if trust_pickled_zip else {}
+                    loaded[path] = load_agent(path, device=device, **trust)
                 agents[label] = loaded[path]
         return agents
 
