@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from gfenv.utils import check_float, check_int
+from gfenv.utils import check_choice, check_float, check_int
 
 DATASETS: dict[str, Callable[..., ImageSource]] = {}
 SPLITS = ("train", "test", "val")
@@ -231,11 +231,15 @@ class GlyphSource(ImageSource):
     def __init__(self, split: str = "train", device: torch.device | str = "cpu", canvas: int = 128,
                  glyph_size: int = 16, fragments: int = 8, fragment_size: int = 8, noise: float = 0.1,
                  train_size: int = 50_000, test_size: int = 10_000, val_size: int = DEFAULT_VAL_SIZE, seed: int = 0):
+        check_choice("split", split, SPLITS)
         canvas, glyph_size = check_int("canvas", canvas, 1), check_int("glyph_size", glyph_size, 1)
         fragments, fragment_size = check_int("fragments", fragments, 0), check_int("fragment_size", fragment_size, 1)
         noise = check_float("noise", noise, 0.0)
-        train_size, test_size = check_int("train_size", train_size, 1), check_int("test_size", test_size, 1)
-        val_size, seed = check_int("val_size", val_size, 1), check_int("seed", seed, 0)
+        sizes = {name: check_int(name, value, 0) for name, value in
+                 (("train_size", train_size), ("test_size", test_size), ("val_size", val_size))}
+        seed = check_int("seed", seed, 0)
+        if sizes[f"{split}_size"] < 1:
+            raise ValueError(f"{split}_size=0: split {split!r} has no images; give {split}_size >= 1.")
         if glyph_size > canvas or fragment_size > glyph_size:
             raise ValueError(f"Need fragment_size <= glyph_size <= canvas, got {fragment_size}, {glyph_size}, "
                              f"{canvas}.")
@@ -246,12 +250,12 @@ class GlyphSource(ImageSource):
         self.fragments = fragments
         self.fragment_size = fragment_size
         self.noise = noise
-        self.size = {"train": train_size, "test": test_size, "val": val_size}[split]
+        self.size = sizes[f"{split}_size"]
         self.seed = seed
         self.image_shape = (1, canvas, canvas)
         # validation images continue the train stream past the train images: held out of train, same distribution
         self._split_id = SPLITS.index(split) if split != "val" else 0
-        self._offset = train_size if split == "val" else 0
+        self._offset = sizes["train_size"] if split == "val" else 0
         (self.textures, self.silhouettes, self._glyph_table, self.noise_bank, self._tiled_fields,
          self._clamped_windows) = _glyph_tables(canvas, glyph_size, float(noise), seed, self.device)
 
