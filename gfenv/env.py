@@ -128,7 +128,9 @@ class GlanceFocusVectorEnv(VectorEnv):
         check_choice("observation", observation, OBSERVATION_MODES)
         check_choice("sampling", sampling, ("random", "sequential"))
         check_choice("render_mode", render_mode, ("rgb_array",), none=True)
-        check_choice("cache", cache, CACHE_MODES, none=True)
+        if cache is not None and (not isinstance(cache, str) or cache not in CACHE_MODES):
+            raise ValueError(f"Unknown cache {cache!r} (cache=): choose one of {CACHE_MODES}, or None for live "
+                             "encoders.")
         check_choice("glance_mode", glance_mode, GLANCE_MODES, none=True)
         for name, value in (("dataset", dataset), ("backbone", backbone), ("classifier", classifier)):
             check_text(name, value, none=True)

@@ -28,6 +28,7 @@ import gymnasium
 
 from agents import AGENTS, make_agent
 from gfenv import ENV_ID
+from gfenv.checkpoint import atomic_write
 from gfenv.cli import add_common_flags, run_command
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import benchmark, format_table, oracle_normalised, render_episodes
@@ -280,9 +281,8 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], suffix: str 
 
 
 def write_text(path: str, text: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    """``text`` to ``path`` atomically (``gfenv.checkpoint.atomic_write``): an interrupted write leaves no half file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def run_leaderboard(args: argparse.Namespace, specs: dict[str, str | None], seeds: list[int], command: str) -> int:

@@ -51,6 +51,7 @@ class PipelineConfig:
         check_fields(self, "main-job setting", {"timesteps": {"low": 1, "hint": "None: the yml's n_timesteps"},
                                                 "stage3_episodes": {"low": 1}, "episodes": {"low": 1},
                                                 "seed": {"low": 0}})
+        Stage3Config(seed=self.seed, **self.stage3)  # a bad stage-3 setting fails now, not after stage 2 trains
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from gfenv.checkpoint import atomic_write
+
 if TYPE_CHECKING:
     from agents.learned import LearnedAgent
 
@@ -100,7 +102,9 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:
-    (Path(run_dir) / CONFIG).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    """``config.yml``, written atomically (``gfenv.checkpoint.atomic_write``)."""
+    text = yaml.safe_dump(_plain(config), sort_keys=False)
+    atomic_write(Path(run_dir) / CONFIG, lambda tmp: tmp.write_text(text))
 
 
 def agent_file(run_dir: str | os.PathLike) -> Path:
