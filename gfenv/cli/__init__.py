@@ -1,7 +1,7 @@
 """The command lines (``train.py``, ``evaluate.py``, ``bench.py``) and what they share: how an error reaches the user.
 
 A user error (a bad argument, a missing or unreadable file, an output that cannot be written, a device this machine
-lacks, running out of memory) prints one line, ``error: ...``, and the command exits 2; Ctrl-C (and SIGTERM, where
+lacks, a missing optional package, running out of memory) prints one line, ``error: ...``, and the command exits 2; Ctrl-C (and SIGTERM, where
 the command saves) exits 130. ``--debug`` or ``GFENV_DEBUG=1`` shows the full traceback instead.
 """
 
@@ -48,7 +48,7 @@ def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Nam
         return command(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError, torch.OutOfMemoryError) as err:
+    except (ValueError, OSError, ImportError, torch.OutOfMemoryError) as err:
         if debugging(args):
             raise
         print(f"error: {describe(err)}", file=sys.stderr)
