@@ -1,8 +1,9 @@
 """The command lines (``train.py``, ``evaluate.py``, ``bench.py``) and what they share: how an error reaches the user.
 
 A user error (a bad argument, a missing or unreadable file, an output that cannot be written, a device this machine
-lacks, a missing optional package, running out of memory) prints one line, ``error: ...``, and the command exits 2; Ctrl-C (and SIGTERM, where
-the command saves) exits 130. ``--debug`` or ``GFENV_DEBUG=1`` shows the full traceback instead.
+lacks, a missing optional package, running out of memory) prints one line, ``error: ...``, and the command exits 2;
+Ctrl-C (and SIGTERM, where the command saves) exits 130. ``--debug`` or ``GFENV_DEBUG=1`` shows the full traceback
+instead.
 """
 
 from __future__ import annotations
