@@ -25,6 +25,7 @@ from gfenv.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.flops import count_macs
 from gfenv.rollout import FIXED_ENV_KWARGS, check_action_mode, play_batch
+from gfenv.utils import check_fields
 
 FORMAT = "gfenv-gfnet-ppo-v1"
 RETURN_EPS = 1e-5
@@ -59,6 +60,7 @@ class GFNetPPOConfig:
     """Channels of the ``conv`` state encoder's 1x1 convolution."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "gfnet_ppo hyperparameter")  # types first: a string where a number goes is named
         if self.state_encoder not in STATE_ENCODERS:
             raise ValueError(f"Unknown state_encoder {self.state_encoder!r}; choose one of {sorted(STATE_ENCODERS)}.")
         checks = {"learning_rate": self.learning_rate > 0, "gamma": 0.0 <= self.gamma <= 1.0,
@@ -412,10 +414,11 @@ class GFNetPPOAgent(LearnedAgent):
         save_checkpoint(path, payload)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> GFNetPPOAgent:
+    def load(cls, path: str | os.PathLike, device: str = "cpu", trust_pickled_zip: bool = False,
+             **kwargs: Any) -> GFNetPPOAgent:
         """Rebuild a saved agent on ``device``, ready to act; ``kwargs`` (``num_envs``, ``seed``, ``tensorboard_log``)
         override the stored constructor arguments for further training. The training env is built only by ``learn``.
-        """
+        The file is always read with ``weights_only=True`` (``trust_pickled_zip`` concerns SB3 zips only)."""
         payload = load_checkpoint(path, map_location=device)
         if payload.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a gfnet_ppo checkpoint (format {payload.get('format')!r}, expected "

@@ -30,7 +30,9 @@ class LearnedAgent(Agent):
 
     ``learn(n)`` trains for ``n`` more timesteps (slot steps; ``num_timesteps`` keeps counting across calls and
     across save/load, which is what ``--resume`` relies on). ``save(path)`` writes one file atomically (for the SB3
-    agents a ``.zip``); ``load(path, device, **kwargs)`` rebuilds the agent from it, ready to ``act``; when
+    agents a ``.zip``); ``load(path, device, **kwargs)`` rebuilds the agent from it, ready to ``act``, without
+    unpickling anything (weights read with ``weights_only``; ``trust_pickled_zip=True`` is the explicit opt-in to a
+    loader that unpickles, for SB3 zips from elsewhere); when
     ``kwargs`` holds ``num_envs`` (and ``seed``, ``tensorboard_log``) it also gets a fresh training env so that
     ``learn`` continues. ``act(obs, env)`` is deterministic (torch in, torch out on ``env.device``).
     ``macs_per_step`` is the policy network's multiply-adds per decision, measured with

@@ -6,8 +6,12 @@ A model checkpoint is ``{"format": "gfenv-model-v1", "config": ModelConfig.to_di
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -72,20 +76,101 @@ def _fsync_dir(folder: Path) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; a missing file raises FileNotFoundError, a bad one
-    CheckpointError."""
+    CheckpointError (``UnsafeFileError`` when the file holds more than tensors and plain values: a pickle that a
+    full load would run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"Checkpoint {path} is corrupt or truncated and cannot be read ({type(err).__name__}: {err}); "
-            f"delete it and re-create it (re-run the run that wrote it)."
-        ) from err
+    payload = load_weights(path, f"Checkpoint {path}", map_location)
     if not isinstance(payload, dict):
         raise CheckpointError(f"Checkpoint {path} holds a {type(payload).__name__}, not a dict; re-create it.")
     return payload
+
+
+class UnsafeFileError(CheckpointError):
+    """A file that holds Python objects other than tensors and plain values: only a full unpickle, which runs code
+    from the file, could read it. gfenv never does; the message says what the file holds."""
+
+
+def load_weights(source: str | os.PathLike | bytes, label: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(source, weights_only=True)`` of a file path or of a file's bytes (e.g. an entry of a zip),
+    ``label`` naming it in errors: a file that holds anything but tensors and plain values (a crafted pickle) raises
+    UnsafeFileError saying what it holds; a corrupt, truncated or empty one CheckpointError."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # a plain pickle: refused below
+            return torch.load(stream, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        found = re.findall(r"GLOBAL ([\w.]+)", text) if "Weights only load failed" in text else []
+        found = found or (_pickled_globals(source) if "Weights only load failed" in text else [])
+        if found:
+            raise UnsafeFileError(
+                f"{label} holds Python objects ({', '.join(dict.fromkeys(found))}), which a safe (weights_only) load "
+                f"refuses: a full load would run code from the file. gfenv writes only tensors and plain values, so "
+                f"this file was not written by gfenv (or was altered); do not load it unless you trust where it came "
+                f"from.") from None
+        detail = (text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip()
+                  else "UnpicklingError")
+        raise CheckpointError(f"{label} is corrupt or truncated, or not a torch weights file, and cannot be read "
+                              f"({detail}); delete it and re-create it (re-run the run that wrote it).") from err
+    except Exception as err:
+        detail = f"{type(err).__name__}: {err}".split(". ")[0] if str(err) else type(err).__name__
+        empty = (isinstance(source, bytes) and not source) or (not isinstance(source, bytes) and _is_empty(source))
+        raise CheckpointError(
+            f"{label} is {'empty' if empty else 'corrupt or truncated'} and cannot be read ({detail}); "
+            f"delete it and re-create it (re-run the run that wrote it).") from err
+
+
+def _pickled_globals(source: str | os.PathLike | bytes, limit: int = 1 << 24) -> list[str]:
+    """``pickle_globals`` of a file (its first ``limit`` bytes) or of bytes; [] for data that is not a pickle."""
+    try:
+        if isinstance(source, bytes):
+            return pickle_globals(source)
+        with Path(source).open("rb") as f:
+            return pickle_globals(f.read(limit))
+    except ValueError:
+        return []
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """The Python names (``module.name``) a pickle would import and call, read with ``pickletools`` without running
+    anything (GLOBAL, and STACK_GLOBAL with its two strings, pushed or fetched from the memo); ValueError when
+    ``data`` is not a whole pickle (empty, truncated or garbage), saying where it stops."""
+    import pickletools
+
+    names: list[str] = []
+    strings: list[Any] = []  # the values of the string pushes and memo fetches, in order
+    memo: dict[int, Any] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                module, name = strings[-2:] if len(strings) >= 2 else (None, None)
+                names.append(f"{module}.{name}")
+            elif op.name in ("MEMOIZE",):
+                memo[len(memo)] = strings[-1] if strings else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = strings[-1] if strings else None
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                strings.append(memo.get(int(arg)))
+            elif (isinstance(arg, str) and "UNICODE" in op.name) or op.name in ("STRING", "BINSTRING",
+                                                                              "SHORT_BINSTRING"):
+                strings.append(arg)
+    except Exception as err:
+        raise ValueError(f"not a whole pickle ({err})") from None
+    if not data:
+        raise ValueError("empty")
+    return names
+
+
+def _is_empty(path: str | os.PathLike) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def save_model(path: str | os.PathLike, model: GFNetModel, meta: dict | None = None) -> Path:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from gfenv.utils import check_choice, check_float, check_int
+
 DATASETS: dict[str, Callable[..., ImageSource]] = {}
 SPLITS = ("train", "test", "val")
 """``val`` is carved from the train images (held out of ``train``): model selection uses it, so ``test`` is touched
@@ -86,16 +88,21 @@ def make_source(dataset: str = "glyphs", split: str = "train", device: str | tor
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
-    builder = DATASETS[dataset]
-    params = inspect.signature(builder).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(kwargs) - set(params))
-        if unknown:
-            valid = sorted(k for k in params if k not in ("self", "split", "device"))
-            raise ValueError(f"Dataset {dataset!r} does not take {', '.join(unknown)}: its settings are "
-                             f"{', '.join(valid)}, and the env's own arguments are listed in "
-                             f"help(gfenv.GlanceFocusVectorEnv).")
-    return builder(split=split, device=torch.device(device), **kwargs)
+    check_dataset_words(dataset, kwargs)
+    return DATASETS[dataset](split=split, device=torch.device(device), **kwargs)
+
+
+def check_dataset_words(dataset: str, words: dict) -> None:
+    """Refuse settings that dataset ``dataset``'s builder does not take, naming them and listing the ones it does."""
+    params = inspect.signature(DATASETS[dataset]).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(words) - set(params))
+    if unknown:
+        valid = sorted(k for k in params if k not in ("self", "split", "device"))
+        given = ", ".join(f"{k}={words[k]!r}" for k in unknown)
+        raise ValueError(f"Dataset {dataset!r} does not take {given}: its settings are {', '.join(valid)}, and the "
+                         f"env's own arguments are listed in help(gfenv.GlanceFocusVectorEnv).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,6 +231,15 @@ class GlyphSource(ImageSource):
     def __init__(self, split: str = "train", device: torch.device | str = "cpu", canvas: int = 128,
                  glyph_size: int = 16, fragments: int = 8, fragment_size: int = 8, noise: float = 0.1,
                  train_size: int = 50_000, test_size: int = 10_000, val_size: int = DEFAULT_VAL_SIZE, seed: int = 0):
+        check_choice("split", split, SPLITS)
+        canvas, glyph_size = check_int("canvas", canvas, 1), check_int("glyph_size", glyph_size, 1)
+        fragments, fragment_size = check_int("fragments", fragments, 0), check_int("fragment_size", fragment_size, 1)
+        noise = check_float("noise", noise, 0.0)
+        sizes = {name: check_int(name, value, 0) for name, value in
+                 (("train_size", train_size), ("test_size", test_size), ("val_size", val_size))}
+        seed = check_int("seed", seed, 0)
+        if sizes[f"{split}_size"] < 1:
+            raise ValueError(f"{split}_size=0: split {split!r} has no images; give {split}_size >= 1.")
         if glyph_size > canvas or fragment_size > glyph_size:
             raise ValueError(f"Need fragment_size <= glyph_size <= canvas, got {fragment_size}, {glyph_size}, "
                              f"{canvas}.")
@@ -234,12 +250,12 @@ class GlyphSource(ImageSource):
         self.fragments = fragments
         self.fragment_size = fragment_size
         self.noise = noise
-        self.size = {"train": train_size, "test": test_size, "val": val_size}[split]
+        self.size = sizes[f"{split}_size"]
         self.seed = seed
         self.image_shape = (1, canvas, canvas)
         # validation images continue the train stream past the train images: held out of train, same distribution
         self._split_id = SPLITS.index(split) if split != "val" else 0
-        self._offset = train_size if split == "val" else 0
+        self._offset = sizes["train_size"] if split == "val" else 0
         (self.textures, self.silhouettes, self._glyph_table, self.noise_bank, self._tiled_fields,
          self._clamped_windows) = _glyph_tables(canvas, glyph_size, float(noise), seed, self.device)
 

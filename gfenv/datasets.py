@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +17,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gfenv.checkpoint import pickle_globals
 from gfenv.data import SPLITS, ImageSource, hash_uniform, register_dataset, validation_carve
+from gfenv.utils import check_bool, check_float, check_int, check_text
 
 Size = int | Sequence[int]
 
 
 def _pair(size: Size, what: str) -> tuple[int, int]:
-    """An int or (H, W) as a checked (H, W) tuple."""
-    hw = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"{what} must be a positive int or (H, W), got {size!r}.")
-    return hw
+    """An int or (H, W) as a checked (H, W) tuple, refused naming ``what`` when it is neither."""
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            raise ValueError(f"{what}={size!r}: must be a positive int or (H, W), two positive ints.")
+        return check_int(f"{what}[0]", size[0], 1), check_int(f"{what}[1]", size[1], 1)
+    side = check_int(what, size, 1, hint="or (H, W)")
+    return side, side
 
 
 def _split_id(split: str) -> int:
@@ -157,17 +163,114 @@ def _open_torchvision(spec: _Spec, label: str, root: Path, split: str, download:
             raise ImportError("SVHN's .mat files are read with scipy: pip install scipy.") from e
     cls = spec.cls if verify else _unverified(spec.cls)
     split_arg = {"split": split} if spec.split_kw else {"train": split == "train"}
+    if not missing:
+        _check_files(spec, root, split)
     try:
         return cls(str(root), download=download, **split_arg)
     except RuntimeError as e:
         if "not found" not in str(e).lower():
-            raise
+            raise _unreadable(label, root, expected, e) from e
         missing = [p for p in expected if not p.is_file()]
         if missing:
             raise FileNotFoundError(_missing_message(spec, root, expected, missing)) from e
         raise ValueError(f"{label} files under {root} fail torchvision's md5 check (corrupt or not the official "
                          f"release): re-download them (download=True after deleting them), or pass verify=False "
                          f"to skip the check.") from e
+    except (ImportError, FileNotFoundError):
+        raise
+    except Exception as e:  # whatever a damaged file makes torchvision (or scipy, numpy) raise
+        raise _unreadable(label, root, expected, e) from e
+
+
+def _unreadable(label: str, root: Path, expected: list[Path], err: Exception) -> ValueError:
+    return ValueError(f"{label} files under {root} cannot be read ({type(err).__name__}: {err}): one of "
+                      f"{', '.join(p.name for p in expected)} is corrupt or truncated; replace it with the official "
+                      f"file.")
+
+
+REPLACE_HINT = "replace it with the official file (re-extract the dataset's archive)"
+IDX_DIMS = {"images": 3, "labels": 1}
+SAFE_PICKLE_NAMES = frozenset(f"{module}.{name}" for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                              for name in ("_reconstruct", "scalar")) | frozenset(
+    {"numpy.ndarray", "numpy.dtype", "numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer",
+     "_codecs.encode"})
+"""What a CIFAR batch (a pickle of numpy arrays, lists and strings) may import: numpy's array rebuilding only."""
+
+
+def _check_files(spec: _Spec, root: Path, split: str) -> None:
+    """Check the files torchvision is about to read for ``split``, naming the file and what is wrong with it: MNIST's
+    idx files (size, magic number, item counts), CIFAR's pickled batches (whole, and building numpy arrays only:
+    a batch that would import anything else is refused unread) and STL-10's binaries (sizes and counts)."""
+    if spec.name in ("MNIST", "FashionMNIST"):
+        raw = root / spec.name / "raw"
+        prefix = "train" if split == "train" else "t10k"
+        counts = {kind: _check_idx(raw / f"{prefix}-{kind}-idx{dims}-ubyte", kind, dims)
+                  for kind, dims in IDX_DIMS.items()}
+        if counts["images"] != counts["labels"]:
+            raise ValueError(f"{raw / f'{prefix}-images-idx3-ubyte'} holds {counts['images']} images but "
+                             f"{raw / f'{prefix}-labels-idx1-ubyte'} holds {counts['labels']} labels: the two files "
+                             f"are from different releases or one is damaged; {REPLACE_HINT}.")
+    elif spec.name in ("CIFAR10", "CIFAR100"):
+        for path in _expected_files(spec.cls, root, split):
+            _check_pickle(path)
+    elif spec.name == "STL10":
+        folder = root / spec.cls.base_folder
+        images, labels = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+        item = 3 * 96 * 96
+        n = _check_size(images, item, "images of 3 x 96 x 96 bytes")
+        if labels.is_file() and _check_size(labels, 1, "labels of 1 byte") != n:
+            raise ValueError(f"{images} holds {n} images but {labels} holds {labels.stat().st_size} labels; "
+                             f"{REPLACE_HINT}.")
+
+
+def _check_size(path: Path, item: int, what: str) -> int:
+    size = path.stat().st_size
+    if size == 0 or size % item:
+        problem = "is empty (0 bytes)" if size == 0 else f"holds {size} bytes, not a whole number of {what}"
+        raise ValueError(f"Dataset file {path} {problem}: it is truncated or not the official file; {REPLACE_HINT}.")
+    return size // item
+
+
+def _check_idx(path: Path, kind: str, dims: int) -> int:
+    """The item count of an idx file of unsigned bytes (``dims`` dimensions), after checking its magic number and
+    that its size is what its header announces."""
+    size = path.stat().st_size
+    header = 4 + 4 * dims
+    if size < header:
+        problem = "is empty (0 bytes)" if size == 0 else f"holds {size} bytes, less than an idx header ({header})"
+        raise ValueError(f"Dataset file {path} {problem}: it is truncated or not the official file; {REPLACE_HINT}.")
+    with path.open("rb") as f:
+        head = f.read(header)
+    magic, expected = int.from_bytes(head[:4], "big"), 0x0800 | dims
+    if magic != expected:
+        gz = " (it starts like a gzip file: gunzip it first)" if head[:2] == b"\x1f\x8b" else ""
+        raise ValueError(f"Dataset file {path} has magic number 0x{magic:08x}, not 0x{expected:08x} (idx{dims} of "
+                         f"unsigned bytes: the {kind} file){gz}; {REPLACE_HINT}.")
+    shape = struct.unpack(f">{dims}I", head[4:])
+    need = header + math.prod(shape)
+    if size != need:
+        described = f"{shape[0]} {kind}" + (f" of {shape[1]} x {shape[2]}" if dims == 3 else "")
+        state = "truncated" if size < need else "longer than its header says"
+        raise ValueError(f"Dataset file {path} is {state}: its header announces {described} ({need} bytes), the "
+                         f"file holds {size} bytes; {REPLACE_HINT}.")
+    if shape[0] == 0:
+        raise ValueError(f"Dataset file {path} holds no {kind} (its header says 0); {REPLACE_HINT}.")
+    return shape[0]
+
+
+def _check_pickle(path: Path) -> None:
+    """A CIFAR batch: a whole pickle that imports numpy's array rebuilding only (read without unpickling)."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"Dataset file {path} is empty (0 bytes); {REPLACE_HINT}.")
+    try:
+        names = pickle_globals(path.read_bytes())
+    except ValueError as err:
+        raise ValueError(f"Dataset file {path} is corrupt or truncated: {err}; {REPLACE_HINT}.") from None
+    unsafe = sorted(set(names) - SAFE_PICKLE_NAMES)
+    if unsafe:
+        raise ValueError(f"Dataset file {path} is a pickle that imports {', '.join(unsafe)}: a CIFAR batch holds only "
+                         f"numpy arrays, lists and strings, and loading this one would run code from it; it was "
+                         f"refused unread. {REPLACE_HINT[0].upper() + REPLACE_HINT[1:]}.")
 
 
 def _to_nchw(data: object, layout: str) -> torch.Tensor:
@@ -190,6 +293,10 @@ def torchvision_source(name: str, split: str = "train", device: torch.device | s
     ``val_size`` images carved from the train files (``gfenv.data.validation_carve``), which split ``train`` leaves
     out.
     """
+    download, verify = check_bool("download", download), check_bool("verify", verify)
+    fragments, fragment_size = check_int("fragments", fragments, 0), check_int("fragment_size", fragment_size, 1)
+    seed, val_size = check_int("seed", seed, 0), check_int("val_size", val_size, 0, none=True)
+    check_text("data_root", data_root, none=True, path=True)
     spec = _TORCHVISION[name]
     label = spec.cls.__name__
     path = _require_root(data_root, name, f"{label}/ in torchvision's layout"
@@ -243,9 +350,11 @@ class ImageFolderSource(ImageSource):
                  val_size: int | None = None):
         from torchvision.datasets.folder import find_classes
 
+        check_text("data_root", data_root, none=True, path=True)
+        check_text("test_folder", test_folder, none=True)
         self.root = _require_root(data_root, "imagefolder", "<data_root>/<split>/<class>/<image>")
-        if not 0.0 < crop_fraction <= 1.0:
-            raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
+        crop_fraction = check_float("crop_fraction", crop_fraction, high=1.0, above=0.0)
+        val_size = check_int("val_size", val_size, 0, none=True)
         self.split = split
         self.device = torch.device(device)
         self.size = _pair(image_size, "image_size")
@@ -356,8 +465,8 @@ class ClutteredCanvasSource(ImageSource):
         if self.canvas[0] < h or self.canvas[1] < w:
             raise ValueError(f"canvas {self.canvas} is smaller than the images {(h, w)}: pass a canvas at least "
                              f"that large, or a smaller image_size.")
-        if fragments < 0:
-            raise ValueError(f"fragments must be >= 0, got {fragments}.")
+        fragments, fragment_size = check_int("fragments", fragments, 0), check_int("fragment_size", fragment_size, 1)
+        seed = check_int("seed", seed, 0)
         if fragments and not 1 <= fragment_size <= min(h, w):
             raise ValueError(f"fragment_size must be in [1, {min(h, w)}] for images {(h, w)}, got {fragment_size}.")
         self.base = base

@@ -21,11 +21,13 @@ from gymnasium.vector.vector_env import AutoresetMode
 
 from gfenv.cache import CACHE_MODES, FeatureCache
 from gfenv.checkpoint import load_model
+from gfenv.data import SPLITS
 from gfenv.flops import model_macs
-from gfenv.glimpse import check_patch_size, crop, glance, grid_corners, location_to_corner
+from gfenv.glimpse import GLANCE_MODES, check_patch_size, crop, glance, grid_corners, location_to_corner
 from gfenv.models import encode
 from gfenv.rewards import Reward, RewardFn, check_finite
 from gfenv.task import ASSETS, resolve_task
+from gfenv.utils import InvalidType, check_choice, check_device, check_int, check_text
 
 ACTION_MODES = ("continuous", "grid", "grid+stop")
 GRID_MODES = tuple(m for m in ACTION_MODES if m != "continuous")  # discrete modes: a grid cell (or stop) per step
@@ -120,22 +122,41 @@ class GlanceFocusVectorEnv(VectorEnv):
                  autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
                  cache: str | None = None, cache_dir: str | Path | None = None, cache_images: int | None = None,
                  model=None, source=None, **dataset_words):
-        if action not in ACTION_MODES:
-            raise ValueError(f"Unknown action mode {action!r}; choose one of {ACTION_MODES}.")
-        if observation not in OBSERVATION_MODES:
-            raise ValueError(f"Unknown observation mode {observation!r}; choose one of {OBSERVATION_MODES}.")
-        if sampling not in ("random", "sequential"):
-            raise ValueError(f"Unknown sampling {sampling!r}; choose 'random' or 'sequential'.")
-        if cache is not None:
-            if cache not in CACHE_MODES:
-                raise ValueError(f"Unknown cache {cache!r}; choose one of {CACHE_MODES}, or None for live encoders.")
-            if action == "continuous":
-                raise ValueError("The feature cache holds the grid cells' features: use action='grid' (or "
-                                 "'grid+stop') with cache, or cache=None for continuous actions.")
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"Unknown render_mode {render_mode!r}; the env supports 'rgb_array'.")
+        # every argument checked (type and range) before anything is loaded, each error naming it
+        num_envs = check_int("num_envs", num_envs, 1)
+        check_choice("split", split, SPLITS)
+        check_choice("action", action, ACTION_MODES)
+        check_choice("observation", observation, OBSERVATION_MODES)
+        check_choice("sampling", sampling, ("random", "sequential"))
+        check_choice("render_mode", render_mode, ("rgb_array",), none=True)
+        if cache is not None and (not isinstance(cache, str) or cache not in CACHE_MODES):
+            raise ValueError(f"Unknown cache {cache!r} (cache=): choose one of {CACHE_MODES}, or None for live "
+                             "encoders.")
+        check_choice("glance_mode", glance_mode, GLANCE_MODES, none=True)
+        for name, value in (("dataset", dataset), ("backbone", backbone), ("classifier", classifier)):
+            check_text(name, value, none=True)
+        for name, value in (("data_root", data_root), ("checkpoint", checkpoint), ("cache_dir", cache_dir)):
+            check_text(name, value, none=True, path=True)
+        patch_size = check_int("patch_size", patch_size, 1, none=True)
+        num_classes = check_int("num_classes", num_classes, 2, none=True)
+        steps = check_int("steps", steps, 2, none=True, hint="T, the glance and at least one focus patch; None: "
+                                                            "the checkpoint's")
+        hidden = check_int("hidden", hidden, 1, none=True)
+        grid = check_int("grid", grid, 1)
+        seed = check_int("seed", seed, 0, none=True)
+        max_episode_steps = check_int("max_episode_steps", max_episode_steps, 1, none=True)
+        cache_images = check_int("cache_images", cache_images, 1, none=True)
+        check_device(device)
+        if not isinstance(autoreset_mode, AutoresetMode):
+            valid = [m.value for m in AutoresetMode]
+            if autoreset_mode not in valid:
+                raise ValueError(f"autoreset_mode={autoreset_mode!r}: must be an AutoresetMode or one of {valid}.")
+        if cache is not None and action == "continuous":
+            raise ValueError("The feature cache holds the grid cells' features: use action='grid' (or "
+                             "'grid+stop') with cache, or cache=None for continuous actions.")
+        reward_fn = Reward(reward, mac_cost)  # checks the reward's name or signature and mac_cost
         self.device = torch.device(device)
-        self.num_envs = int(num_envs)
+        self.num_envs = num_envs
         self.render_mode = render_mode
         self.action_mode, self.observation_mode, self.sampling = action, observation, sampling
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -156,7 +177,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         cfg = self.model.config
         self.patch_size, self.num_classes, self.height, self.width = cfg.patch_size, cfg.num_classes, h, w
         check_patch_size(self.patch_size, h, w)
-        self.steps = int(steps or cfg.steps)
+        self.steps = cfg.steps if steps is None else steps
         if self.steps < 2:
             raise ValueError(f"steps={self.steps}: an episode needs the glance and at least one focus patch (T >= 2).")
         if cfg.classifier == "cascaded" and self.steps > cfg.steps:
@@ -164,8 +185,8 @@ class GlanceFocusVectorEnv(VectorEnv):
         if max_episode_steps is not None and max_episode_steps != self.steps - 1:
             raise ValueError(f"max_episode_steps={max_episode_steps} disagrees with steps={self.steps} "
                              f"(an episode is T - 1 = {self.steps - 1} focus steps); set steps instead.")
-        self.grid = int(grid)
-        self.reward_fn = Reward(reward, mac_cost)
+        self.grid = grid
+        self.reward_fn = reward_fn
         if cache is not None and self.reward_fn.needs_random:
             raise ValueError(f"Reward {self.reward_fn.name!r} compares with a random continuous glimpse, which the "
                              "feature cache does not hold; use cache=None with it.")
@@ -323,18 +344,47 @@ class GlanceFocusVectorEnv(VectorEnv):
         info.update({f"_{k}": ones for k in list(info)})
         return info
 
+    def _check_actions(self, actions: Any) -> Any:
+        """``actions`` as they are (a tensor) or as a numpy array, refused unless their shape is exactly the batched
+        action space's, (N, 2) for continuous actions and (N,) for the grid modes (nothing is reshaped: a transposed
+        batch is an error), and their dtype holds numbers of the right kind (floats or integers for locations,
+        integers or whole floats for cells; never bools, complex numbers, strings or objects)."""
+        n, continuous = self.num_envs, self.action_mode == "continuous"
+        expected = (n, 2) if continuous else (n,)
+        what = (f"one (y, x) location in [-1, 1] per slot, for {n} slot(s)" if continuous
+                else f"one cell index in 0..{self.single_action_space.n - 1} per slot, for {n} slot(s)")
+        if isinstance(actions, torch.Tensor):
+            shape, dtype = tuple(actions.shape), actions.dtype
+            kind = ("b" if dtype == torch.bool else "c" if dtype.is_complex else "f" if dtype.is_floating_point
+                    else "i")
+        else:
+            try:
+                actions = np.asarray(actions)
+            except (ValueError, TypeError) as err:  # ragged nested lists
+                raise ValueError(f"actions cannot be read as an array of shape {expected} ({what}): {err}") from None
+            shape, dtype, kind = actions.shape, actions.dtype, actions.dtype.kind
+        if shape != expected:
+            swapped = " (the transposed shape: actions are never reshaped)" if shape == expected[::-1] else ""
+            raise ValueError(f"actions of shape {shape}{swapped}: the action space {self.action_space} expects shape "
+                             f"{expected}, {what}.")
+        if kind not in "iuf":
+            got = "bools" if kind == "b" else "complex numbers" if kind == "c" else dtype
+            raise InvalidType(f"actions of dtype {dtype}: expected {'numbers' if continuous else 'integers'} "
+                              f"({what}), not {got}.")
+        return actions
+
     def _actions_to_corners(self, actions: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Validate actions; return (corners (N, 2), cell index (N,), stop mask (N,) or None)."""
-        n = self.num_envs
+        actions = self._check_actions(actions)
         if self.action_mode == "continuous":
-            a = _as_tensor(actions, torch.float32, self.device).reshape(n, 2)
+            a = _as_tensor(actions, torch.float32, self.device)
             check_finite(a, "Action contains NaN or inf; a continuous action is a location in [-1, 1]^2.")
             loc = (a.clamp(-1.0, 1.0) + 1.0) / 2.0  # (N, 2) in GFNet's [0, 1]^2, order (y, x)
             corners = location_to_corner(loc, self.height, self.width, self.patch_size)
             i = (corners[:, 0].float() / self._span[0] * (self.grid - 1)).round().long()
             j = (corners[:, 1].float() / self._span[1] * (self.grid - 1)).round().long()
             return corners, i * self.grid + j, None
-        a = _as_tensor(actions, torch.long, self.device).reshape(n)
+        a = _as_tensor(actions, torch.long, self.device)
         n_actions = self.single_action_space.n
         if a.device.type == "cpu":
             if bool(((a < 0) | (a >= n_actions)).any()):
@@ -596,6 +646,14 @@ class GlanceFocusEnv(gym.Env):
     def step(self, action: Any):
         if self._ended:
             raise gym.error.ResetNeeded("The episode has ended; call reset() before step().")
+        expected = self.action_space.shape
+        try:
+            shape = tuple(action.shape) if isinstance(action, torch.Tensor) else np.shape(action)
+        except ValueError:  # a ragged list
+            shape = "ragged"
+        if shape != expected:
+            raise ValueError(f"action of shape {shape}: the action space {self.action_space} expects shape "
+                             f"{expected}" + (", one (y, x) location in [-1, 1]." if expected else ", one cell index."))
         a = np.asarray(action)[None] if not isinstance(action, torch.Tensor) else action[None]
         obs, reward, terminated, truncated, info = self.vec.step(a)
         self._ended = bool(terminated[0] or truncated[0])

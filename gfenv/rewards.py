@@ -14,7 +14,11 @@ from collections.abc import Callable
 
 import torch
 
+from gfenv.utils import InvalidType, check_float
+
 RewardFn = Callable[..., torch.Tensor]
+ARGUMENTS = ("probs_before", "probs_after", "labels", "step", "macs")
+"""What every reward is called with, in this order."""
 REWARDS: dict[str, RewardFn] = {}
 
 
@@ -82,14 +86,29 @@ class Reward:
         elif callable(reward):
             fn, name = reward, getattr(reward, "__name__", type(reward).__name__)
         else:
-            raise TypeError(f"reward must be a registered name or a callable, got {type(reward).__name__}.")
-        self.fn, self.name, self.mac_cost = fn, name, float(mac_cost)
-        params = inspect.signature(fn).parameters
+            raise InvalidType(f"reward={reward!r} (type {type(reward).__name__}): must be a registered reward name "
+                              f"({', '.join(sorted(REWARDS))}) or a callable fn(probs_before, probs_after, labels, "
+                              "step, macs) -> (B,) tensor.")
+        self.fn, self.name = fn, name
+        self.mac_cost = check_float("mac_cost", mac_cost, 0.0, hint="subtracted per million multiply-adds")
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin without a signature: taken as it is
+            signature = None
+        params = signature.parameters if signature is not None else {}
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.wants = {k for k in ("done", "probs_random") if k in params}
         if var_kw:
             self.wants.add("done")
         self.needs_random = "probs_random" in self.wants
+        if signature is not None:
+            try:
+                signature.bind(*ARGUMENTS, **{k: None for k in self.wants})
+            except TypeError as err:
+                raise InvalidType(f"reward={name}: its signature {signature} cannot take the env's call "
+                                  f"fn({', '.join(ARGUMENTS)}{''.join(', ' + k + '=...' for k in sorted(self.wants))})"
+                                  f" ({err}); define it as def {name}(probs_before, probs_after, labels, step, macs, "
+                                  "**extra).") from None
 
     def __call__(self, probs_before: torch.Tensor, probs_after: torch.Tensor, labels: torch.Tensor,
                  step: torch.Tensor, macs: torch.Tensor, done: torch.Tensor,

@@ -25,7 +25,8 @@ from typing import Any
 import gymnasium
 
 from gfenv.checkpoint import load_checkpoint
-from gfenv.data import DATASETS, load_builtin_datasets, make_source
+from gfenv.data import DATASETS, check_dataset_words, load_builtin_datasets, make_source
+from gfenv.utils import InvalidType
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL_WORDS = ("patch_size", "steps", "backbone", "classifier", "hidden", "glance_mode")
@@ -97,7 +98,7 @@ def canonical_words(words: Mapping[str, Any]) -> dict[str, Any]:
 
         nested = yaml.safe_load(nested) or {}
     if not isinstance(nested, Mapping):
-        raise ValueError(f"dataset_kwargs={nested!r} must be a dict of dataset settings, e.g. "
+        raise InvalidType(f"dataset_kwargs={nested!r} must be a dict of dataset settings, e.g. "
                          "dataset_kwargs={'canvas': 60}; or give them flat: canvas=60.")
     for key, value in nested.items():
         if value is None:
@@ -227,6 +228,7 @@ def resolve_task(words: Mapping[str, Any], need_checkpoint: bool = True) -> Task
     if dataset not in load_builtin_datasets():
         raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
     data_root = flat.pop("data_root", None)
+    check_dataset_words(dataset, flat)  # a word no argument takes is refused now, not after a checkpoint search
     spec = TaskSpec(dataset, flat, None if data_root is None else str(data_root), model_words)
     spec.env_id = identify(dataset, flat)
     problems = _data_problems(spec)

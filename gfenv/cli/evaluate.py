@@ -23,6 +23,7 @@ import math
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,21 @@ import gymnasium
 
 from agents import AGENTS, make_agent
 from gfenv import ENV_ID
+from gfenv.checkpoint import atomic_write
+from gfenv.cli import add_common_flags, run_command
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import DEFAULT_ACTION, benchmark, format_table, oracle_normalised, render_episodes
 from gfenv.eval.leaderboard import LEGEND, format_budgeted, leaderboard_rows, markdown_leaderboard, markdown_report
 from gfenv.eval.suite import check_suite_tasks, embedded_tasks, suite_markdown, suite_scores, suite_text
-from gfenv.rollout import agent_env_kwargs, check_action_mode
+from gfenv.rollout import FIXED_ENV_KWARGS, agent_env_kwargs, check_action_mode
 from gfenv.task import canonical_words, task_words
 from gfenv.train.runs import load_agent, read_config, run_folder
-from gfenv.utils import import_modules, keep_freed_memory, parse_kv
+from gfenv.utils import argument, check_device, check_output, import_modules, keep_freed_memory, parse_kv
+
+TRUST_HELP = ("load the trained runs' SB3 zips with SB3's own loader, which unpickles them and so RUNS ANY CODE a "
+              "crafted file carries; only for runs you trust (a zip written elsewhere, or one gfenv cannot rebuild "
+              "from its plain-text settings). Without it agents load from their weights (weights_only) and plain-text "
+              "settings, and nothing in a run folder is unpickled")
 
 REFERENCES = ("random", "oracle")
 
@@ -61,15 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "val", "train"),
                    help="images the agents are scored on: test (the final evaluation), val (carved from train: for "
                         "choosing models and settings) or train; the budgeted thresholds are always fitted on train")
-    p.add_argument("--episodes", type=int, default=1000, help="images per agent and seed (the first N, in order)")
-    p.add_argument("--threshold-episodes", type=int, default=None, metavar="N",
+    p.add_argument("--episodes", type=argument("int", low=1), default=1000,
+                   help="images per agent and seed (the first N, in order)")
+    p.add_argument("--threshold-episodes", type=argument("int", low=0), default=None, metavar="N",
                    help="train images that fit the budgeted-classification thresholds (default: 2 x --episodes; "
                         "0: no budgeted evaluation)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (env reset and agents); default 0")
+    seeds.add_argument("--seed", type=argument("int", low=0), default=None,
+                       help="one seed (env reset and agents); default 0")
     seeds.add_argument("--seeds", default=None, metavar="S1,S2,...",
                        help="several seeds: results are mean ± std over them")
-    p.add_argument("--num-envs", type=int, default=250, help="images evaluated in parallel")
+    p.add_argument("--num-envs", type=argument("int", low=1), default=250, help="images evaluated in parallel")
     p.add_argument("--device", default="cpu", help="torch device of the env and the agents (cpu, cuda, cuda:1)")
     p.add_argument("--static", default=None, metavar="PATH",
                    help="a static full-image model (train_agent.py --stage static) shown as a reference point")
@@ -78,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=None, metavar="DIR", help="write anytime.png and budgeted.png there")
     p.add_argument("--pictures", default=None, metavar="PATH",
                    help="a PNG grid of test images (rows) x agents (columns) with each agent's patches")
-    p.add_argument("--picture-images", type=int, default=6, metavar="K", help="images in --pictures")
+    p.add_argument("--picture-images", type=argument("int", low=1), default=6, metavar="K",
+                   help="images in --pictures")
     p.add_argument("--leaderboard", action="store_true",
                    help="run the agents on every env of --envs (default: all registered gfenv ids) and write the "
                         "leaderboard (--markdown); envs without data or checkpoint are skipped")
@@ -91,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a report on an official GFNet checkpoint (.pth.tar) and exit")
     p.add_argument("--data-root", default=None, metavar="PATH", help="ImageNet folder for --gfnet-checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (its register_reward/dataset/agent/task/backbone calls); repeatable")
+    p.add_argument("--trust-pickled-zip", action="store_true", help=TRUST_HELP)
+    add_common_flags(p)
     return p
 
 
@@ -102,9 +113,11 @@ def parse_seeds(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        parser.error(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}.")
+        parser.error(f"--seeds takes comma-separated integers >= 0, e.g. 0,1,2; got {args.seeds!r}.")
     if not seeds:
         parser.error("--seeds is empty; give e.g. --seeds 0,1,2.")
+    if min(seeds) < 0:
+        parser.error(f"--seeds {args.seeds}: seeds are integers >= 0.")
     return list(dict.fromkeys(seeds))
 
 
@@ -167,10 +180,10 @@ def shared_task(args: argparse.Namespace, specs: dict[str, str | None], seed: in
     if env_id not in gymnasium.registry:
         raise ValueError(f"Unknown env id {env_id!r}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
     return env_id, {**canonical_words(gymnasium.spec(env_id).kwargs), **words,
-                    **canonical_words(parse_kv(args.env_kwargs))}
+                    **canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))}
 
 
-def agent_factory(specs: dict[str, str | None], env_id: str, device: str):
+def agent_factory(specs: dict[str, str | None], env_id: str, device: str, trust_pickled_zip: bool = False):
     """``make_agents(seed)``: baselines built with the seed, trained runs loaded from that seed's run dir."""
     loaded: dict[Path, Any] = {}
 
@@ -182,7 +195,8 @@ def agent_factory(specs: dict[str, str | None], env_id: str, device: str):
             else:
                 path = run_dir(template, seed, env_id)
                 if path not in loaded:
-                    loaded[path] = load_agent(path, device=device)
+                    trust = {"trust_pickled_zip": True} if trust_pickled_zip else {}
+                    loaded[path] = load_agent(path, device=device, **trust)
                 agents[label] = loaded[path]
         return agents
 
@@ -201,7 +215,7 @@ def evaluate_env(args: argparse.Namespace, env_id: str, env_kwargs: dict[str, An
     """The benchmark of one env: every agent over every seed (``gfenv.eval.evaluation.benchmark``), the static point.
     With ``skipped`` (a list), a static model that does not fit the env is noted there instead of raising."""
     runs = trained_runs(specs, seeds, env_id)
-    make_agents = agent_factory(specs, env_id, args.device)
+    make_agents = agent_factory(specs, env_id, args.device, args.trust_pickled_zip)
     score_fn = oracle_normalised if all(r in specs for r in REFERENCES) else None
     threshold_episodes = 2 * args.episodes if args.threshold_episodes is None else args.threshold_episodes
     results = benchmark(make_agents, env_kwargs, args.episodes, seeds, threshold_episodes, args.num_envs,
@@ -275,9 +289,8 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], suffix: str 
 
 
 def write_text(path: str, text: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    """``text`` to ``path`` atomically (``gfenv.checkpoint.atomic_write``): an interrupted write leaves no half file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def run_suite(args: argparse.Namespace, specs: dict[str, str | None], seeds: list[int], command: str) -> int:
@@ -295,7 +308,8 @@ def run_suite(args: argparse.Namespace, specs: dict[str, str | None], seeds: lis
     specs = {**{r: None for r in REFERENCES if r not in specs}, **specs}
     rows, reports, skipped = [], {}, []
     for env_id in envs:
-        env_kwargs = {**canonical_words(gymnasium.spec(env_id).kwargs), **canonical_words(parse_kv(args.env_kwargs))}
+        env_kwargs = {**canonical_words(gymnasium.spec(env_id).kwargs),
+                      **canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))}
         try:
             GlanceFocusVectorEnv(num_envs=1, split=args.split, **env_kwargs).close()
         except (FileNotFoundError, ValueError, OSError) as err:
@@ -336,52 +350,60 @@ def run_suite(args: argparse.Namespace, specs: dict[str, str | None], seeds: lis
 
 
 def gfnet_checkpoint(args: argparse.Namespace) -> int:
-    try:
-        from gfenv.eval.official import gfnet_checkpoint_report
+    from gfenv.eval.official import gfnet_checkpoint_report
 
-        print(gfnet_checkpoint_report(args.gfnet_checkpoint, data_root=args.data_root, device=args.device))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(gfnet_checkpoint_report(args.gfnet_checkpoint, data_root=args.data_root, device=args.device))
     return 0
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that cannot be written (``--json``, ``--markdown``, ``--pictures``: files;
+    ``--plots``: a folder)."""
+    for flag, path, folder in (("--json", args.json, False), ("--markdown", args.markdown, False),
+                               ("--pictures", args.pictures, False), ("--plots", args.plots, True)):
+        if path is not None:
+            check_output(path, flag, folder=folder)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate; a user error prints one line and returns 2 (``--debug``: the traceback), Ctrl-C returns 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        import_modules(args.imports)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if run_command(lambda a: import_modules(a.imports) or 0, args):
         return 2
     keep_freed_memory()  # no page faults on the env's big per-step tensors (gfenv.utils)
     if args.gfnet_checkpoint:
-        return gfnet_checkpoint(args)
+        return run_command(lambda a: (check_device(a.device, "--device"), gfnet_checkpoint(a))[1], args)
     specs = parse_agents(args.agents, parser)
     seeds = parse_seeds(args, parser)
-    if args.episodes < 1 or args.num_envs < 1 or args.picture_images < 1:
-        parser.error("--episodes, --num-envs and --picture-images must be at least 1.")
-    if args.threshold_episodes is not None and args.threshold_episodes < 0:
-        parser.error("--threshold-episodes must be >= 0 (0: no budgeted evaluation).")
-    command = "python evaluate_agent.py " + shlex.join(argv)
+    args.command = "python evaluate_agent.py " + shlex.join(argv)
+    return run_command(partial(evaluate_command, specs=specs, seeds=seeds), args)
+
+
+def evaluate_command(args: argparse.Namespace, specs: dict[str, str | None], seeds: list[int]) -> int:
+    check_device(args.device, "--device")
+    check_outputs(args)
     start = time.time()
-    try:
-        if args.leaderboard or args.suite:
-            code = run_suite(args, specs, seeds, command)
-            print(f"wall time {time.time() - start:.0f} s")
-            return code
-        env_id, env_kwargs = shared_task(args, specs, seeds[0])
-        report = evaluate_env(args, env_id, env_kwargs, specs, seeds)
-        print_report(report)
-        write_outputs(args, report)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.leaderboard or args.suite:
+        code = run_suite(args, specs, seeds, args.command)
+        print(f"wall time {time.time() - start:.0f} s")
+        return code
+    env_id, env_kwargs = shared_task(args, specs, seeds[0])
+    fixed = sorted(set(FIXED_ENV_KWARGS) & set(env_kwargs))
+    if fixed:
+        raise ValueError(f"--env-kwargs {', '.join(f'{k}={env_kwargs[k]!r}' for k in fixed)}: evaluate_agent.py sets "
+                         f"{', '.join(fixed)} itself (the images: --split, --episodes; the slots: --num-envs; "
+                         f"--device; --seed); drop {'them' if len(fixed) > 1 else 'it'} from --env-kwargs.")
+    # the shared task built once before any agent loads: a bad word (unknown, wrong type or range) fails now
+    GlanceFocusVectorEnv(num_envs=1, split=args.split, device=args.device, **env_kwargs).close()
+    report = evaluate_env(args, env_id, env_kwargs, specs, seeds)
+    print_report(report)
+    write_outputs(args, report)
     if args.json:
         write_text(args.json, json.dumps(json_safe(report), indent=2, default=str) + "\n")
     if args.markdown:
-        write_text(args.markdown, markdown_report(env_id, report, command))
+        write_text(args.markdown, markdown_report(env_id, report, args.command))
     print(f"wall time {time.time() - start:.0f} s")
     return 0
 

@@ -32,23 +32,29 @@ Static reference: the same encoder family on the whole image at full resolution 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import gymnasium
 
 from gfenv import ENV_ID
+from gfenv.cli import add_common_flags, run_command
 from gfenv.task import canonical_words, recorded_task, resolve_task, task_words
-from gfenv.utils import import_modules, keep_freed_memory, parse_kv
+from gfenv.utils import argument, check_device, check_int, import_modules, keep_freed_memory, parse_kv
+
+TRUST_HELP = ("--resume and --stage 3 --run-dir: load an SB3 zip with SB3's own loader, which unpickles it and so RUNS "
+              "ANY CODE a crafted file carries; only for files you trust (a zip written elsewhere, or one gfenv cannot "
+              "rebuild from its plain-text settings). Without it agents load from their weights (weights_only) and "
+              "plain-text settings, and nothing is unpickled")
 
 
 def task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The env id and env words of the command line: ``--env``'s registered words, then ``--env-kwargs``. Without
     ``--env``, a checkpoint that records the env id it was trained for names it (else the default task)."""
-    user = canonical_words(parse_kv(args.env_kwargs))
+    user = canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))
     env_id = args.env
     if env_id is None and user.get("checkpoint") not in (None, "default"):
         recorded = recorded_task(user["checkpoint"])[0]
@@ -72,7 +78,7 @@ def stage1_config(args: argparse.Namespace):
     cfg = Stage1Config(seed=args.seed, device=args.device, dataset=spec.dataset, dataset_kwargs=spec.source_kwargs,
                        env_id=spec.env_id or env_id, **spec.model_words)
     fields = {f.name for f in dataclasses.fields(Stage1Config)}
-    for key, value in parse_kv(args.hyperparams).items():
+    for key, value in parse_kv(args.hyperparams, "--hyperparams").items():
         if key not in fields:
             raise ValueError(f"Unknown stage-1 hyperparameter {key!r}. Valid: {', '.join(sorted(fields))}.")
         setattr(cfg, key, value)
@@ -84,7 +90,7 @@ def stage1_config(args: argparse.Namespace):
     if args.low_memory:
         for key, value in low_memory(dataclasses.asdict(cfg)).items():
             setattr(cfg, key, value)
-    return cfg, spec
+    return dataclasses.replace(cfg), spec  # every setting checked (Stage1Config.__post_init__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,30 +111,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default=None, help="stage 2 and the main job: learned agent to train (default ppo); "
                                                  "stage 3 without --run-dir: a fixed agent (random, center, raster, "
                                                  "oracle)")
-    p.add_argument("--timesteps", type=int, default=None, help="stage 2: total timesteps (default: the yml's)")
-    p.add_argument("--num-envs", type=int, default=None, help="stage 2: parallel env slots (default: the yml's)")
-    p.add_argument("--eval-freq", type=int, default=10_000,
+    p.add_argument("--timesteps", type=argument("int", low=1), default=None,
+                   help="stage 2 and the main job: total timesteps, at least 1 (default: the yml's)")
+    p.add_argument("--num-envs", type=argument("int", low=1), default=None,
+                   help="stage 2: parallel env slots, at least 1 (default: the yml's)")
+    p.add_argument("--eval-freq", type=argument("int", low=-1), default=10_000,
                    help="stage 2: evaluate on the validation split every N timesteps (0: at the end only, -1: never)")
-    p.add_argument("--eval-episodes", type=int, default=500, help="stage 2: validation images per evaluation")
-    p.add_argument("--checkpoint-freq", type=int, default=50_000, help="stage 2: checkpoint every N timesteps")
-    p.add_argument("--epochs", type=float, default=None, help="stages 1 and static: passes over the train split")
-    p.add_argument("--batch-size", type=int, default=None, help="stages 1 and static: images per optimiser step")
-    p.add_argument("--accum-steps", type=int, default=None, help="micro-batches per optimiser step (less memory)")
+    p.add_argument("--eval-episodes", type=argument("int", low=1), default=500,
+                   help="stage 2: validation images per evaluation")
+    p.add_argument("--checkpoint-freq", type=argument("int", low=0), default=50_000,
+                   help="stage 2: checkpoint every N timesteps (0: at the end only)")
+    p.add_argument("--epochs", type=argument("float", above=0), default=None,
+                   help="stages 1 and static: passes over the train split")
+    p.add_argument("--batch-size", type=argument("int", low=1), default=None,
+                   help="stages 1 and static: images per optimiser step")
+    p.add_argument("--accum-steps", type=argument("int", low=1), default=None,
+                   help="micro-batches per optimiser step (less memory)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default=None)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--low-memory", action="store_true",
                    help="smallest memory footprint: bf16 autocast + activation checkpointing + 4 micro-batches")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=argument("int", low=0), default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--run-dir", default=None,
                    help="output folder (default stage 1: runs/stage1/<task>; stage 2: runs/<agent>/<env>_<n>; main "
                         "job: runs/main/<env>_<n>; static: runs/static/<dataset>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <run-dir>/last.* (stage 2 without --run-dir: the agent's latest run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage 1 still prints each epoch)")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (its register_reward/dataset/agent/task/backbone calls); repeatable")
+    p.add_argument("--trust-pickled-zip", action="store_true", help=TRUST_HELP)
+    add_common_flags(p)
     return p
 
 
@@ -147,11 +160,12 @@ def stage2(args: argparse.Namespace) -> int:
     from gfenv.train.stage2 import PolicyTrainingConfig, train_policy
 
     env_id, words = task_of(args)
-    cfg = PolicyTrainingConfig(agent=args.agent, env_id=env_id, env_kwargs=parse_kv(args.env_kwargs),
-                               hyperparams=parse_kv(args.hyperparams), timesteps=args.timesteps,
+    cfg = PolicyTrainingConfig(agent=args.agent, env_id=env_id,
+                               env_kwargs=parse_kv(args.env_kwargs, "--env-kwargs"),
+                               hyperparams=parse_kv(args.hyperparams, "--hyperparams"), timesteps=args.timesteps,
                                num_envs=args.num_envs, seed=args.seed, device=args.device, eval_freq=args.eval_freq,
                                eval_episodes=args.eval_episodes, checkpoint_freq=args.checkpoint_freq,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, trust_pickled_zip=args.trust_pickled_zip)
     run_dir = choose_run_dir(cfg.agent, env_id, args.run_dir, args.resume)
     train_policy(cfg, run_dir, resume=args.resume)
     return 0
@@ -163,14 +177,16 @@ def main_job(args: argparse.Namespace) -> int:
     from gfenv.train.runs import next_run_dir
 
     env_id, _ = task_of(args)
-    cfg = PipelineConfig(agent=args.agent or "ppo", env_id=env_id, env_kwargs=parse_kv(args.env_kwargs),
-                         seed=args.seed, device=args.device, progress=not args.no_progress)
+    cfg = PipelineConfig(agent=args.agent or "ppo", env_id=env_id,
+                         env_kwargs=parse_kv(args.env_kwargs, "--env-kwargs"), seed=args.seed, device=args.device,
+                         progress=not args.no_progress)
     if args.timesteps is not None:
         cfg.timesteps = args.timesteps
-    for key, value in parse_kv(args.hyperparams).items():
+    for key, value in parse_kv(args.hyperparams, "--hyperparams").items():
         if not hasattr(cfg, key):
             raise ValueError(f"unknown main-job setting {key!r}; valid: {', '.join(cfg.__dataclass_fields__)}.")
         setattr(cfg, key, value)
+    cfg = dataclasses.replace(cfg)  # every setting checked (PipelineConfig.__post_init__)
     run_dir = Path(args.run_dir) if args.run_dir else next_run_dir("main", env_id)
     run_pipeline(cfg, run_dir)
     print(f"everything is in {run_dir}")
@@ -185,7 +201,7 @@ def stage3(args: argparse.Namespace) -> int:
     from agents.learned import is_learned, learned_agent_names
     from gfenv.train.common import low_memory
     from gfenv.train.distributed import distributed, is_main
-    from gfenv.train.runs import load_agent, stage3_checkpoint
+    from gfenv.train.runs import claim_run_dir, load_agent, stage3_checkpoint
     from gfenv.train.stage3 import STAGE3_EPISODES, Stage3Config, finetune
 
     fixed = sorted(n for n in AGENTS if not is_learned(n))
@@ -197,8 +213,8 @@ def stage3(args: argparse.Namespace) -> int:
     if not args.run_dir and args.agent is None:
         raise ValueError("--stage 3 needs --run-dir of a stage-2 run (its agent picks the patches), or --agent with a "
                          f"fixed agent ({', '.join(fixed)}).")
-    settings = parse_kv(args.hyperparams)
-    episodes = int(settings.pop("episodes", STAGE3_EPISODES))
+    settings = parse_kv(args.hyperparams, "--hyperparams")
+    episodes = check_int("episodes", settings.pop("episodes", STAGE3_EPISODES), 1, hint="train images")
     for key in ("amp", "accum_steps"):  # the memory flags mean the same as in stage 1
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -210,16 +226,20 @@ def stage3(args: argparse.Namespace) -> int:
     unknown = sorted(set(settings) - fields)
     if unknown:
         raise ValueError(f"unknown stage-3 settings {unknown}; valid: episodes, {', '.join(sorted(fields))}.")
-    env_kwargs = parse_kv(args.env_kwargs)
+    env_kwargs = parse_kv(args.env_kwargs, "--env-kwargs")
     if args.agent is not None:
         env_kwargs = task_of(args)[1]
+    stage3_cfg = Stage3Config(seed=args.seed, **settings)
+    out = Path(args.run_dir or f"runs/{args.agent}")
     with distributed(args.device) as device:  # under torchrun: this process's group and device
-        if args.agent is not None:
-            agent, out = make_agent(args.agent, seed=args.seed), Path(args.run_dir or f"runs/{args.agent}")
-        else:
-            agent, out = load_agent(args.run_dir, device=str(device)), Path(args.run_dir)
-        path = finetune(agent, env_kwargs, episodes, Stage3Config(seed=args.seed, **settings), seed=args.seed,
-                        device=device, progress=not args.no_progress, path=stage3_checkpoint(out))
+        # the process that writes claims the folder first (a stage-2 run still training in RUN is refused)
+        with claim_run_dir(out) if is_main() else contextlib.nullcontext():
+            if args.agent is not None:
+                agent = make_agent(args.agent, seed=args.seed)
+            else:
+                agent = load_agent(args.run_dir, device=str(device), trust_pickled_zip=args.trust_pickled_zip)
+            path = finetune(agent, env_kwargs, episodes, stage3_cfg, seed=args.seed, device=device,
+                            progress=not args.no_progress, path=stage3_checkpoint(out))
         main_process = is_main()
     if main_process:
         print(f"stage 3 checkpoint: {path} (evaluate with evaluate_agent.py --agents LABEL={path})")
@@ -231,8 +251,8 @@ def static_stage(args: argparse.Namespace) -> int:
     from gfenv.train.static import static_config, train_static
 
     _, words = task_of(args)
-    cfg = static_config(words, parse_kv(args.hyperparams), seed=args.seed, device=args.device, epochs=args.epochs,
-                        batch_size=args.batch_size, optimizer=args.optimizer, amp=args.amp)
+    cfg = static_config(words, parse_kv(args.hyperparams, "--hyperparams"), seed=args.seed, device=args.device,
+                        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, amp=args.amp)
     train_static(cfg, Path(args.run_dir or f"runs/static/{cfg.dataset}"), resume=args.resume,
                  progress=not args.no_progress)
     return 0
@@ -246,18 +266,18 @@ STAGES = {"1": stage1, "2": stage2, "3": stage3, "all": main_job, "static": stat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the stage; a user error prints one line and returns 2, Ctrl-C or SIGTERM returns 130."""
+    """Run the stage; a user error prints one line and returns 2 (``--debug``: the traceback), Ctrl-C or SIGTERM
+    returns 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()  # no page faults on the env's big per-step tensors (gfenv.utils)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM saves and exits like Ctrl-C (torchrun: GracefulStop)
     if args.agent is not None and args.stage in ("1", "static"):
         parser.error(f"--agent names the policy of stages 2 and 3 and the main job, not of --stage {args.stage}.")
-    try:
-        import_modules(args.imports)
-        return STAGES[args.stage](args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(_run_stage, args)
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    import_modules(args.imports)
+    check_device(args.device, "--device")  # before anything is built or written
+    return STAGES[args.stage](args)

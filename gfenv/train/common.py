@@ -19,6 +19,8 @@ from gfenv.models import GFNetModel
 from gfenv.train import distributed as dist
 
 OPTIMIZERS = ("sgd", "adamw")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+"""Autocast settings: ``auto`` (bf16 on CUDA, none on a CPU), ``none``, ``bf16``, ``fp16``."""
 
 
 def make_optimizer(name: str, params: Iterable, lr: float, weight_decay: float) -> torch.optim.Optimizer:

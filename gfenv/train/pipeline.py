@@ -13,9 +13,10 @@ from typing import Any
 from agents.base import make_agent
 from gfenv import ENV_ID
 from gfenv.eval.evaluation import evaluate, format_table, oracle_normalised
-from gfenv.train.runs import read_config, stage3_checkpoint
+from gfenv.train.runs import claim_run_dir, read_config, stage3_checkpoint
 from gfenv.train.stage2 import PolicyTrainingConfig, train_policy
 from gfenv.train.stage3 import STAGE3_EPISODES, Stage3Config, finetune
+from gfenv.utils import check_device, check_fields
 
 BASELINES = ("random", "center", "oracle")
 
@@ -46,11 +47,21 @@ class PipelineConfig:
     progress: bool = True
     """Progress bars."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "main-job setting", {"timesteps": {"low": 1, "hint": "None: the yml's n_timesteps"},
+                                                "stage3_episodes": {"low": 1}, "episodes": {"low": 1},
+                                                "seed": {"low": 0}})
+        Stage3Config(seed=self.seed, **self.stage3)  # a bad stage-3 setting fails now, not after stage 2 trains
+
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
     """Stages 2 and 3 and the evaluation; everything lands in ``run_dir`` (``results.json``, ``results.md``)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_device(cfg.device)
+    with claim_run_dir(run_dir):
+        return _run_pipeline(cfg, Path(run_dir))
+
+
+def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     t0 = time.time()
     policy = train_policy(PolicyTrainingConfig(agent=cfg.agent, env_id=cfg.env_id, env_kwargs=dict(cfg.env_kwargs),
                                                timesteps=cfg.timesteps, seed=cfg.seed, device=cfg.device,

@@ -11,6 +11,7 @@ processes, and rank 0 alone prints, logs and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -21,10 +22,12 @@ import torch
 
 from gfenv.checkpoint import save_checkpoint
 from gfenv.data import ImageSource, make_source
-from gfenv.glimpse import check_patch_size, location_to_corner
+from gfenv.glimpse import GLANCE_MODES, check_patch_size, location_to_corner
 from gfenv.models import GFNetModel, ModelConfig
 from gfenv.train import distributed as dist
 from gfenv.train.common import (
+    AMP_MODES,
+    OPTIMIZERS,
     EpochOrder,
     autocast_dtype,
     data_parallel_loss,
@@ -33,6 +36,8 @@ from gfenv.train.common import (
     make_optimizer,
     seed_everything,
 )
+from gfenv.train.runs import claim_run_dir
+from gfenv.utils import check_device, check_fields
 
 
 @dataclass
@@ -92,6 +97,15 @@ class Stage1Config:
     processes; under torchrun rank r draws its patch locations from a seed of its own, ``dist.rank_seed``)."""
     device: str = "cpu"
     """``cpu``, ``cuda`` or ``cuda:N`` (under torchrun ``cuda`` is ``cuda:LOCAL_RANK``)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "stage-1 setting", {
+            "classifier": {"choices": ("gru", "cascaded")}, "glance_mode": {"choices": GLANCE_MODES},
+            "optimizer": {"choices": OPTIMIZERS}, "amp": {"choices": AMP_MODES}, "hidden": {"low": 1},
+            "patch_size": {"low": 1}, "steps": {"low": 1}, "epochs": {"above": 0.0}, "batch_size": {"low": 1},
+            "accum_steps": {"low": 1}, "backbone_lr": {"low": 0.0}, "classifier_lr": {"low": 0.0},
+            "weight_decay": {"low": 0.0}, "dsn_ratio": {"low": 0.0}, "eval_images": {"low": 1},
+            "log_every": {"low": 1}, "checkpoint_every": {"low": 1}, "seed": {"low": 0}})
 
     def task(self) -> dict:
         """The task in the env's flat words, as the checkpoint records it."""
@@ -184,8 +198,11 @@ def train_stage1(cfg: Stage1Config, run_dir: str | Path, resume: bool = False, p
     Under torchrun it joins the process group (unless already in one) and trains data-parallel; rank 0 alone prints,
     shows the progress bar and writes, and every rank returns once ``model.pt`` is written.
     """
+    check_device(cfg.device)
     with dist.distributed(cfg.device) as device:
-        return _train_stage1(cfg, Path(run_dir), device, resume, progress and dist.is_main())
+        # rank 0 writes, so rank 0 claims the folder (gfenv.train.runs.claim_run_dir) before anything is written
+        with claim_run_dir(run_dir) if dist.is_main() else contextlib.nullcontext():
+            return _train_stage1(cfg, Path(run_dir), device, resume, progress and dist.is_main())
 
 
 def _train_stage1(cfg: Stage1Config, run_dir: Path, device: torch.device, resume: bool, progress: bool) -> Path:

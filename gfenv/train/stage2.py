@@ -25,7 +25,8 @@ from gfenv.cache import cover_episodes
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import run_episodes
 from gfenv.task import canonical_words, resolve_task, task_words
-from gfenv.train.runs import CONFIG, read_config, write_config
+from gfenv.train.runs import CONFIG, claim_run_dir, read_config, write_config
+from gfenv.utils import check_device, check_fields, check_int
 
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 TRAINER_KEYS = ("n_envs", "n_timesteps", "env_kwargs")
@@ -65,6 +66,16 @@ class PolicyTrainingConfig:
     """Save ``checkpoints/model_<N>_steps`` and ``last`` every this many timesteps (0: only at the end)."""
     progress: bool = True
     """Show SB3's progress bar."""
+    trust_pickled_zip: bool = False
+    """``--resume`` of an SB3 run whose ``last.zip`` can only be read by unpickling it (a zip from elsewhere, or one
+    whose hyperparameters plain text cannot name): SB3's own loader, which runs any code the file carries. Off: the
+    agent loads from its weights (``weights_only``) and plain-text settings."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "", {"timesteps": {"low": 1, "hint": "None: the yml's n_timesteps"},
+                                "num_envs": {"low": 1, "hint": "None: the yml's n_envs"},
+                                "seed": {"low": 0}, "eval_freq": {"low": -1, "hint": "0: at the end only, -1: never"},
+                                "eval_episodes": {"low": 1}, "checkpoint_freq": {"low": 0, "hint": "0: at the end"}})
 
 
 # ------------------------------------------------------------------------------------------------- configuration
@@ -180,8 +191,11 @@ def resolve_config(cfg: PolicyTrainingConfig) -> dict[str, Any]:
     hyperparams = load_hyperparams(agent, cfg.env_id, cfg.hyperparams)
     env_kwargs = {**canonical_words(gymnasium.spec(cfg.env_id).kwargs), **hyperparams.pop("env_kwargs", {}),
                   **canonical_words(cfg.env_kwargs)}
-    num_envs = int(cfg.num_envs or hyperparams.pop("n_envs", DEFAULT_NUM_ENVS))
-    timesteps = int(cfg.timesteps or hyperparams.pop("n_timesteps", DEFAULT_TIMESTEPS))
+    yml_envs, yml_steps = hyperparams.pop("n_envs", DEFAULT_NUM_ENVS), hyperparams.pop("n_timesteps", DEFAULT_TIMESTEPS)
+    num_envs = check_int("num_envs", cfg.num_envs, 1) if cfg.num_envs is not None else check_int(
+        f"n_envs ({hyperparams_source(agent, cfg.env_id)})", yml_envs, 1)
+    timesteps = check_int("timesteps", cfg.timesteps, 1) if cfg.timesteps is not None else check_int(
+        f"n_timesteps ({hyperparams_source(agent, cfg.env_id)})", yml_steps, 1)
     for key in TRAINER_KEYS:
         hyperparams.pop(key, None)
     return {"agent": agent, "env": cfg.env_id, "env_kwargs": env_kwargs, "hyperparams": hyperparams,
@@ -201,9 +215,15 @@ def train_policy(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike, resume: 
 
     ``resume=True`` reloads ``last`` and the run's ``config.yml`` and trains on up to ``cfg.timesteps`` (or the
     run's). Ctrl-C saves ``last`` and re-raises KeyboardInterrupt. A task without a stage-1 checkpoint raises
-    FileNotFoundError with the command that trains one.
+    FileNotFoundError with the command that trains one. The folder is claimed before anything else
+    (``gfenv.train.runs.claim_run_dir``): another process training in it is refused, naming it.
     """
-    run_dir = Path(run_dir)
+    check_device(cfg.device)
+    with claim_run_dir(run_dir):
+        return _train_policy(cfg, Path(run_dir), resume)
+
+
+def _train_policy(cfg: PolicyTrainingConfig, run_dir: Path, resume: bool) -> LearnedAgent:
     if resume:
         agent, config = _resume(cfg, run_dir)
     else:
@@ -258,9 +278,9 @@ def _resume(cfg: PolicyTrainingConfig, run_dir: Path) -> tuple[LearnedAgent, dic
     if not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {last}; start without --resume.")
     agent = cls.load(last, device=cfg.device, num_envs=config["num_envs"], seed=config["seed"],
-                     tensorboard_log=str(run_dir / "tb"))
-    if cfg.timesteps:
-        config["timesteps"] = int(cfg.timesteps)
+                     tensorboard_log=str(run_dir / "tb"), trust_pickled_zip=cfg.trust_pickled_zip)
+    if cfg.timesteps is not None:
+        config["timesteps"] = cfg.timesteps
     config["device"] = cfg.device
     return agent, config
 

@@ -25,7 +25,8 @@ from gfenv.checkpoint import save_model
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.rollout import FIXED_ENV_KWARGS, AgentLike, play_batch, sampling_act
 from gfenv.train import distributed as dist
-from gfenv.train.common import OPTIMIZERS, autocast_dtype, data_parallel_loss, make_optimizer
+from gfenv.train.common import AMP_MODES, OPTIMIZERS, autocast_dtype, data_parallel_loss, make_optimizer
+from gfenv.utils import check_fields
 
 if TYPE_CHECKING:
     pass
@@ -86,10 +87,11 @@ class Stage3Config:
     """Seeds the order in which collected episodes are batched."""
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"Unknown stage-3 mode {self.mode!r}; choose one of {MODES}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
+        check_fields(self, "stage-3 setting", {
+            "mode": {"choices": MODES}, "optimizer": {"choices": OPTIMIZERS}, "amp": {"choices": AMP_MODES},
+            "classifier_lr": {"low": 0.0}, "encoder_lr": {"low": 0.0}, "weight_decay": {"low": 0.0},
+            "update_every": {"low": 1}, "batch_size": {"low": 1}, "epochs": {"low": 1}, "dsn_ratio": {"low": 0.0},
+            "accum_steps": {"low": 1}, "seed": {"low": 0}})
         if not (self.train_classifier or self.train_focus or self.train_glance):
             raise ValueError("Stage 3 has nothing to train: set train_classifier, train_focus or train_glance.")
         if self.update_every < 1 or self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,17 @@ from gfenv.data import ImageSource, make_source
 from gfenv.flops import count_macs
 from gfenv.rollout import FIXED_ENV_KWARGS
 from gfenv.task import resolve_task, task_words
-from gfenv.train.common import EpochOrder, autocast_dtype, load_training_state, make_optimizer, seed_everything
+from gfenv.train.common import (
+    AMP_MODES,
+    OPTIMIZERS,
+    EpochOrder,
+    autocast_dtype,
+    load_training_state,
+    make_optimizer,
+    seed_everything,
+)
+from gfenv.train.runs import claim_run_dir
+from gfenv.utils import check_device, check_fields
 
 STATIC_FORMAT = "gfenv-static-v1"
 
@@ -104,6 +114,13 @@ class StaticConfig:
     device: str = "cpu"
     """``cpu``, ``cuda`` or ``cuda:N``."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "static-reference setting", {
+            "optimizer": {"choices": OPTIMIZERS}, "amp": {"choices": AMP_MODES}, "epochs": {"above": 0.0},
+            "max_iterations": {"low": 0, "hint": "0: no limit"}, "batch_size": {"low": 1}, "lr": {"above": 0.0},
+            "warmup_iterations": {"low": 0}, "weight_decay": {"low": 0.0}, "eval_images": {"low": 1},
+            "log_every": {"low": 1}, "checkpoint_every": {"low": 1}, "seed": {"low": 0}})
+
 
 def static_config(env_kwargs: dict[str, Any], hyperparams: dict[str, Any] | None = None,
                   **overrides: Any) -> StaticConfig:
@@ -134,7 +151,7 @@ def static_config(env_kwargs: dict[str, Any], hyperparams: dict[str, Any] | None
             raise ValueError(f"Unknown static-reference setting {key!r}. Valid: {', '.join(sorted(fields))}.")
         if value is not None:
             setattr(cfg, key, value)
-    return cfg
+    return replace(cfg)  # checks every setting (StaticConfig.__post_init__)
 
 
 def _lr_factor(i: int, total: int, warmup: int) -> float:
@@ -258,12 +275,17 @@ def evaluate_static(checkpoint: str | os.PathLike | StaticClassifier, env_kwargs
 
 def train_static(cfg: StaticConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train the static reference; writes ``run_dir/last.pt`` (training state) and ``run_dir/model.pt``; returns the
-    latter. Ctrl-C saves ``last.pt`` and re-raises; ``resume`` continues from it."""
+    latter. Ctrl-C saves ``last.pt`` and re-raises; ``resume`` continues from it. The folder is claimed first
+    (``gfenv.train.runs.claim_run_dir``)."""
+    check_device(cfg.device)
+    with claim_run_dir(run_dir):
+        return _train_static(cfg, Path(run_dir), resume, progress)
+
+
+def _train_static(cfg: StaticConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
     train = make_source(cfg.dataset, "train", device, **cfg.dataset_kwargs)
