@@ -459,12 +459,14 @@ class SB3Agent(LearnedAgent):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", num_envs: int | None = None, seed: int | None = None,
-             tensorboard_log: str | None = None, trust_pickled_zip: bool = False, **kwargs: Any) -> SB3Agent:
+             tensorboard_log: str | None = None, trust_pickled_zip: bool = False,
+             run_config: dict[str, Any] | None = None, **kwargs: Any) -> SB3Agent:
         """Rebuild an agent saved by ``save``, safely: the model is built anew from the hyperparameters and spaces
         in ``gfenv_agent.json`` (JSON) and its weights, optimiser states and variables are read from the zip's
         ``*.pth`` entries with ``torch.load(weights_only=True)``; SB3's ``data`` entry (cloudpickle) is never read.
-        Files written before gfenv stored those settings (format v1) rebuild from their run folder's ``config.yml``
-        and a one-slot env of the task. With ``num_envs`` the agent also gets a training env (train split) and
+        Files written before gfenv stored those settings (format v1) rebuild from their run folder's settings
+        (``run_config``, the ``config.yml`` that ``gfenv.train.runs.load_agent`` passes) and a one-slot env of the
+        task. With ``num_envs`` the agent also gets a training env (train split) and
         continues where the saved model stopped (``num_timesteps``, optimiser states, exploration and update
         counters).
 
@@ -472,13 +474,13 @@ class SB3Agent(LearnedAgent):
         code a crafted file carries: only for files you trust (e.g. SB3 zips written elsewhere)."""
         path = Path(path)
         if trust_pickled_zip:
-            return cls._load_pickled(path, device, num_envs, seed, tensorboard_log, **kwargs)
+            return cls._load_pickled(path, device, num_envs, seed, tensorboard_log, run_config, **kwargs)
         if kwargs:
             raise TypeError(f"SB3Agent.load() got unexpected arguments {sorted(kwargs)} (SB3's own load options are "
                             f"taken with trust_pickled_zip=True only).")
         meta = read_agent_file(path)
         name, env_kwargs = meta["agent"], meta["env_kwargs"]
-        settings = _rebuild_settings(path, meta)
+        settings = _rebuild_settings(path, meta, run_config)
         spec = SB3_SPECS[name]
         if num_envs is not None:
             venv = to_sb3(num_envs=num_envs, seed=seed, device=device, split="train", **env_kwargs)
@@ -513,13 +515,12 @@ class SB3Agent(LearnedAgent):
 
     @classmethod
     def _load_pickled(cls, path: Path, device: str, num_envs: int | None, seed: int | None,
-                      tensorboard_log: str | None, **kwargs: Any) -> SB3Agent:
+                      tensorboard_log: str | None, config: dict[str, Any] | None, **kwargs: Any) -> SB3Agent:
         """SB3's own ``load`` (unpickles the zip: runs any code it carries). The agent and env kwargs come from
         ``gfenv_agent.json``, else from the run folder's ``config.yml`` (a zip written elsewhere)."""
         try:
             meta = read_agent_file(path)
         except ValueError:
-            config = _run_config(path)
             if config is None or config.get("agent") not in SB3_SPECS:
                 raise
             meta = {"agent": config["agent"], "env_kwargs": config.get("env_kwargs") or {},
@@ -587,19 +588,9 @@ def _load_weights_into(model: BaseAlgorithm, path: Path, device: str) -> None:
             getattr(model, name).data = stored[name].data.to(getattr(model, name).device)
 
 
-def _run_config(path: Path) -> dict[str, Any] | None:
-    """The ``config.yml`` of the run folder that holds ``path`` (in it or in its ``checkpoints/``), if any."""
-    from gfenv.train.runs import CONFIG, read_config
-
-    for folder in (path.parent, path.parent.parent):
-        if (folder / CONFIG).is_file():
-            return read_config(folder)
-    return None
-
-
-def _rebuild_settings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _rebuild_settings(path: Path, meta: dict[str, Any], config: dict[str, Any] | None) -> dict[str, Any]:
     """What rebuilding the model takes: hyperparameters, spaces, training slots and the glance map's shape. A v2
-    file records them; a v1 file (written before) takes the hyperparameters from its run folder's ``config.yml``
+    file records them; a v1 file (written before) takes the hyperparameters from its run folder's ``config`` (yml)
     and the spaces from a one-slot env of its env kwargs. Refused, with how to load it anyway, when neither has
     them."""
     name = meta["agent"]
@@ -617,7 +608,6 @@ def _rebuild_settings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         return {"hyperparams": meta["hyperparams"], "observation_space": observation_space,
                 "action_space": action_space, "num_envs": check_int("num_envs", meta.get("num_envs", 1), 1),
                 "glance_map_shape": tuple(shape) if shape else None}
-    config = _run_config(path)
     if config is None or "hyperparams" not in config:
         raise CheckpointError(f"{path} was saved by an older gfenv that did not record its model's settings, and no "
                               f"run folder config.yml beside it has them; {TRUST_HINT}.")

@@ -14,6 +14,7 @@ first, and a lock left by a process that died is taken over.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -261,4 +262,6 @@ def load_agent(path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> L
     cls = learned_agent_class(config["agent"])
     if cls is None or cls is LearnedAgent:
         raise ValueError(f"Agent {config['agent']!r} of {run_dir} has no registered LearnedAgent class to load it.")
+    if "run_config" in inspect.signature(cls.load).parameters:  # files from before a format recorded everything
+        kwargs = {"run_config": config, **kwargs}
     return cls.load(path, device=device, **kwargs)
