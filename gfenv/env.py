@@ -99,12 +99,16 @@ class GlanceFocusVectorEnv(VectorEnv):
     Autoreset mode NEXT_STEP by default: the step after an episode ends resets that slot and ignores its action.
 
     ## Arguments
-    ``gymnasium.make_vec("gfenv/GlanceFocus-v0", num_envs=N, **kwargs)`` with kwargs: ``dataset`` ("glyphs";
-    see ``gfenv.data.DATASETS``), ``data_root`` (folder of a real dataset), ``dataset_kwargs`` (dict, e.g.
-    ``canvas``), ``split`` ("train"/"test"), ``checkpoint`` (stage-1 model; default: the shipped one),
-    ``backbone`` / ``patch_size`` / ``num_classes`` (checked against the checkpoint), ``steps`` (T, default the
-    checkpoint's), ``action``, ``grid`` (G, default 7), ``observation``, ``reward``, ``mac_cost``, ``sampling``,
-    ``device``, ``seed``, ``render_mode`` ("rgb_array"), ``autoreset_mode``.
+    ``gymnasium.make_vec("gfenv/GlanceFocus-v0", num_envs=N, **kwargs)``. The task, in flat words (``gfenv.task``):
+    ``dataset`` ("glyphs"; see ``gfenv.data.DATASETS``), ``data_root`` (folder of a real dataset), the dataset's
+    own words (``canvas``, ``fragments``, ``fragment_size``, ``image_size``, ``train_size``, ``val_size``, ...; also
+    accepted as ``dataset_kwargs={...}``, a word given both ways with two values is refused), ``checkpoint``
+    (stage-1 model; default: the shipped one of a task that has one; a checkpoint that records its task names the
+    data too), ``backbone`` / ``patch_size`` / ``classifier`` / ``hidden`` / ``glance_mode`` / ``num_classes``
+    (checked against the checkpoint), ``steps`` (T, default the checkpoint's). How episodes run: ``split``
+    ("train", "val" (carved from train) or "test"), ``action``, ``grid`` (G, default 7), ``observation``,
+    ``reward``, ``mac_cost``, ``sampling``, ``device``, ``seed``, ``render_mode`` ("rgb_array"), ``autoreset_mode``
+    (fixed for the env's lifetime), ``cache``, ``cache_dir``, ``cache_images``.
 
     ## Version History
     - v0: initial release.
