@@ -53,11 +53,11 @@ class CachePlan:
 
 
 def cover_episodes(env_kwargs: dict, episodes: int) -> dict:
-    """``env_kwargs`` whose feature cache (if any) holds at least the first ``episodes`` images, so a sequential
-    evaluation over them never wraps around to images it has already seen."""
-    if env_kwargs.get("cache") is None or env_kwargs.get("cache_images") is None:
+    """``env_kwargs`` for a sequential evaluation of the first ``episodes`` images: a feature cache (if any) holds
+    exactly those, whatever the training env cached (its split may be larger than the one evaluated)."""
+    if env_kwargs.get("cache") is None:
         return env_kwargs
-    return {**env_kwargs, "cache_images": max(int(env_kwargs["cache_images"]), int(episodes))}
+    return {**env_kwargs, "cache_images": int(episodes)}
 
 
 def available_memory_bytes() -> int | None:

@@ -112,7 +112,7 @@ def test_memory_cache_too_large_names_the_alternatives(monkeypatch, tensor_image
 def test_stage2_trains_on_cached_features_through_the_cli(tmp_path):
     import yaml
 
-    import train_agent
+    from gfenv.cli import train as train_agent
     from gfenv.train.runs import load_agent
 
     rc = train_agent.main(["--stage", "2", "--agent", "maskable_ppo", "--timesteps", "64", "--num-envs", "4",
@@ -120,8 +120,15 @@ def test_stage2_trains_on_cached_features_through_the_cli(tmp_path):
                            "--checkpoint-freq", "0", "--env-kwargs", "cache=memory", "cache_images=16",
                            "--hyperparams", "n_steps=8", "batch_size=32", "n_epochs=1"])
     assert rc == 0
+    # a training cache larger than the validation split: the evaluation caches just the images it reads
+    rc = train_agent.main(["--stage", "2", "--agent", "maskable_ppo", "--timesteps", "64", "--num-envs", "4",
+                           "--run-dir", str(tmp_path / "big"), "--no-progress", "--eval-freq", "0",
+                           "--eval-episodes", "8", "--checkpoint-freq", "0", "--env-kwargs", "cache=memory",
+                           "cache_images=48", "val_size=16", "--hyperparams", "n_steps=8", "batch_size=32",
+                           "n_epochs=1"])
+    assert rc == 0
     config = yaml.safe_load((tmp_path / "config.yml").read_text())
     assert config["env_kwargs"]["cache"] == "memory" and config["env_kwargs"]["cache_images"] == 16
     record = (tmp_path / "evaluations.jsonl").read_text().splitlines()[-1]
-    assert '"episodes": 24' in record  # the test-split cache grew to cover the 24 evaluation images
+    assert '"episodes": 24' in record  # the validation cache holds the 24 evaluation images
     assert load_agent(tmp_path).env_kwargs["cache"] == "memory"
