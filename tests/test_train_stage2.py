@@ -158,8 +158,6 @@ def test_stage_3_cli_fine_tunes_on_the_glimpses_of_a_stage_2_run(tmp_path, capsy
     assert agent.name == "ppo" and agent.env_kwargs["checkpoint"] == str(run / "stage3" / "model.pt")
     env = GlanceFocusVectorEnv(num_envs=2, split="test", seed=0, **agent.env_kwargs)
     assert all(torch.equal(a, b) for a, b in zip(env.model.state_dict().values(), model.state_dict().values()))
-    import evaluate_agent
-
     out = tmp_path / "eval.json"
     assert evaluate_agent.main(["--agents", f"s3={run / 'stage3' / 'model.pt'}", "--episodes", "4",
                                 "--threshold-episodes", "0", "--no-progress", "--json", str(out)]) == 0
