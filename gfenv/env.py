@@ -21,11 +21,10 @@ from gymnasium.vector.vector_env import AutoresetMode
 
 from gfenv.cache import CACHE_MODES, FeatureCache
 from gfenv.checkpoint import load_model
-from gfenv.flops import model_macs
 from gfenv.glimpse import check_patch_size, crop, glance, grid_corners, location_to_corner
 from gfenv.models import encode
 from gfenv.rewards import Reward, RewardFn, check_finite
-from gfenv.task import ASSETS, resolve_task
+from gfenv.task import ASSETS, TASKS, resolve_task
 
 ACTION_MODES = ("continuous", "grid", "grid+stop")
 OBSERVATION_MODES = ("dict", "gfnet", "flat")
@@ -90,10 +89,14 @@ class GlanceFocusVectorEnv(VectorEnv):
     takes the glance: t = 1 of T glimpses.
 
     ## Episode End
-    Terminated after T glimpses (T - 1 focus steps) or when the stop action is taken. Never truncated. The info
-    dict carries, every step, ``prediction``, ``confidence`` (max probability), ``true_confidence``, ``correct``, the
-    cumulative ``macs`` and the ``step`` (glimpses taken) of each slot.
+    Terminated after T glimpses (T - 1 focus steps) or when the stop action is taken. Never truncated (the
+    registrations declare ``max_episode_steps`` = T - 1). The info dict carries, every step, ``prediction``,
+    ``confidence`` (max probability), ``true_confidence``, ``correct``, the cumulative ``macs`` and ``glimpses`` (the
+    glimpses taken, glance included) of each slot, and in the grid modes ``action_mask`` ((N, A) bool, the actions
+    allowed next: ``action_masks()`` as a tensor).
     Autoreset mode NEXT_STEP by default: the step after an episode ends resets that slot and ignores its action.
+    SAME_STEP resets it within the step that ends it (``final_obs``/``final_info``, as SB3 and TorchRL need);
+    DISABLED leaves it to ``reset(options={"reset_mask": mask})``.
 
     ## Arguments
     ``gymnasium.make_vec("gfenv/GlanceFocus-v0", num_envs=N, **kwargs)`` with kwargs: ``dataset`` ("glyphs";
@@ -101,7 +104,9 @@ class GlanceFocusVectorEnv(VectorEnv):
     ``canvas``), ``split`` ("train"/"test"), ``checkpoint`` (stage-1 model; default: the shipped one),
     ``backbone`` / ``patch_size`` / ``num_classes`` (checked against the checkpoint), ``steps`` (T, default the
     checkpoint's), ``action``, ``grid`` (G, default 7), ``observation``, ``reward``, ``mac_cost``, ``sampling``,
-    ``device``, ``seed``, ``render_mode`` ("rgb_array"), ``autoreset_mode``.
+    ``device``, ``seed``, ``render_mode`` ("rgb_array"), ``autoreset_mode``, ``max_episode_steps`` (T - 1, as
+    ``gymnasium.make_vec`` passes it from the registration: ``steps`` wins over the registered value).
+    Grid actions are (N,) cell indices, or (N, A) one-hot rows (TorchRL's ``OneHot`` spec).
 
     ## Version History
     - v0: initial release.
@@ -161,8 +166,10 @@ class GlanceFocusVectorEnv(VectorEnv):
         if cfg.classifier == "cascaded" and self.steps > cfg.steps:
             raise ValueError(f"The cascaded classifier has {cfg.steps} heads; steps={self.steps} is too many.")
         if max_episode_steps is not None and max_episode_steps != self.steps - 1:
-            raise ValueError(f"max_episode_steps={max_episode_steps} disagrees with steps={self.steps} "
-                             f"(an episode is T - 1 = {self.steps - 1} focus steps); set steps instead.")
+            registered = TASKS[self.task.env_id].steps - 1 if self.task.env_id in TASKS else None
+            if steps is None or max_episode_steps != registered:  # else: the registration's, passed on by make_vec
+                raise ValueError(f"max_episode_steps={max_episode_steps} disagrees with steps={self.steps} "
+                                 f"(an episode is T - 1 = {self.steps - 1} focus steps); set steps instead.")
         self.grid = int(grid)
         self.reward_fn = Reward(reward, mac_cost)
         if cache is not None and self.reward_fn.needs_random:
@@ -175,6 +182,8 @@ class GlanceFocusVectorEnv(VectorEnv):
             self.cache = FeatureCache.build(self.model, self.source, self.corners, self.patch_size, cache_images,
                                             cache, cache_dir, with_cell_maps=observation == "gfnet")
         self._num_images = len(self.cache) if self.cache is not None else len(self.source)
+
+        from gfenv.flops import model_macs  # lazy: torch.utils.flop_counter is a slow import
 
         macs = model_macs(self.model, self.source.image_shape)
         self.macs = {k: int(v) for k, v in macs.items()}
@@ -318,9 +327,18 @@ class GlanceFocusVectorEnv(VectorEnv):
         conf, pred = self.probs.max(1)
         ones = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         info = {"prediction": pred, "confidence": conf, "correct": pred == self.labels, "macs": self.cum_macs,
-                "step": self.t, "true_confidence": self.probs.gather(1, self.labels[:, None]).squeeze(1)}
+                "glimpses": self.t, "true_confidence": self.probs.gather(1, self.labels[:, None]).squeeze(1)}
+        if self.action_mode != "continuous":
+            info["action_mask"] = self._action_mask()
         info.update({f"_{k}": ones for k in list(info)})
         return info
+
+    def _action_mask(self) -> torch.Tensor:
+        """(N, A) bool on the device: the grid cells not yet visited (and the stop action)."""
+        masks = ~self.visited
+        if self.action_mode == "grid+stop":
+            masks = torch.cat([masks, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device)], 1)
+        return masks
 
     def _actions_to_corners(self, actions: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Validate actions; return (corners (N, 2), cell index (N,), stop mask (N,) or None)."""
@@ -333,8 +351,10 @@ class GlanceFocusVectorEnv(VectorEnv):
             i = (corners[:, 0].float() / self._span[0] * (self.grid - 1)).round().long()
             j = (corners[:, 1].float() / self._span[1] * (self.grid - 1)).round().long()
             return corners, i * self.grid + j, None
-        a = _as_tensor(actions, torch.long, self.device).reshape(n)
         n_actions = self.single_action_space.n
+        if tuple(getattr(actions, "shape", ())) == (n, n_actions) and n_actions > 1:  # one-hot rows (TorchRL's OneHot)
+            actions = _one_hot_to_index(actions, self.device)
+        a = _as_tensor(actions, torch.long, self.device).reshape(n)
         if a.device.type == "cpu":
             if bool(((a < 0) | (a >= n_actions)).any()):
                 bad = a[(a < 0) | (a >= n_actions)][0].item()
@@ -358,10 +378,24 @@ class GlanceFocusVectorEnv(VectorEnv):
     # ------------------------------------------------------------------------------------------------ the API
     @_state_safe
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        """Start new episodes in every slot, or (``options={"reset_mask": mask}``, Gymnasium's convention for
+        ``AutoresetMode.DISABLED``) in the slots where the (N,) bool mask is True; the others go on as they were.
+        Episodes in lockstep (every action mode but ``grid+stop``) restart together: a mask that is not all True
+        is refused for them unless every slot's episode has ended."""
         if seed is not None:
             s = seed[0] if isinstance(seed, (list, tuple)) else seed
             self._gen.manual_seed(int(s))
             self._cursor = 0
+        mask = (options or {}).get("reset_mask")
+        if mask is not None and self._t_host > 0:
+            mask = _as_tensor(mask, torch.bool, self.device).reshape(self.num_envs)
+            if not self.lockstep:
+                self._reset_where(mask)
+                return self._observation(), self._info()
+            if self.device.type == "cpu" and not bool(mask.all()) and self._t_host < self.steps:
+                raise ValueError(f"reset_mask resets some slots only, but with action={self.action_mode!r} the "
+                                 "episodes run in lockstep (they start and end together): reset every slot, or use "
+                                 "action='grid+stop'.")
         self._reset_slots(None)
         self._t_host = 1
         return self._observation(), self._info()
@@ -469,13 +503,11 @@ class GlanceFocusVectorEnv(VectorEnv):
         return self.model.classifier.step(feats, self.memory, 1)[0].float().softmax(1)
 
     def action_masks(self) -> np.ndarray:
-        """(N, A) bool: the grid cells not yet visited (and the stop action), for MaskablePPO."""
+        """(N, A) bool: the grid cells not yet visited (and the stop action), for MaskablePPO; the same as
+        ``info["action_mask"]`` (a tensor on the device)."""
         if self.action_mode == "continuous":
             raise AttributeError("action_masks() exists for the grid action modes; use action='grid'.")
-        masks = ~self.visited
-        if self.action_mode == "grid+stop":
-            masks = torch.cat([masks, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device)], 1)
-        return masks.cpu().numpy()
+        return self._action_mask().cpu().numpy()
 
     @_state_safe
     def cell_confidences(self) -> torch.Tensor:
@@ -547,6 +579,21 @@ def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.as_tensor(arr, device=device).to(dtype)
 
 
+def _one_hot_to_index(actions: Any, device: torch.device) -> torch.Tensor:
+    """(N, A) one-hot rows (bool or integers, as TorchRL's ``OneHot`` spec gives them) -> (N,) indices; rows that are
+    not one-hot are refused (checked without a sync on CUDA)."""
+    a = actions.to(device) if isinstance(actions, torch.Tensor) else torch.as_tensor(np.asarray(actions), device=device)
+    if a.dtype.is_floating_point:
+        raise ValueError("Grid actions given as (N, A) must be one-hot rows (bool or integers), not floats.")
+    ok = ((a == 0) | (a == 1)).all() & (a.sum(1) == 1).all()
+    if a.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError("Grid actions given as (N, A) must be one-hot rows: one 1 per row, zeros elsewhere.")
+    else:
+        torch._assert_async(ok, "Grid actions given as (N, A) must be one-hot rows.")
+    return a.argmax(1)
+
+
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     if labels.device.type == "cpu":
         bad = (labels < 0) | (labels >= num_classes)
@@ -581,7 +628,9 @@ class GlanceFocusEnv(gym.Env):
 
     @staticmethod
     def _info(info: dict) -> dict:
-        return {k: v[0].item() for k, v in info.items() if not k.startswith("_") and isinstance(v, torch.Tensor)}
+        """Slot 0's entries: numbers, and numpy arrays for per-slot vectors (``action_mask``)."""
+        return {k: (v[0].item() if v.dim() == 1 else v[0].cpu().numpy()) for k, v in info.items()
+                if not k.startswith("_") and isinstance(v, torch.Tensor)}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

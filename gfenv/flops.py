@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from gfenv.glimpse import glance
 from gfenv.models import GFNetModel
@@ -22,6 +21,8 @@ def count_macs(module_or_fn: nn.Module | Callable[..., Any], *inputs: Any) -> in
     FlopCounterMode counts matmuls and convolutions (2 FLOPs per multiply-add) and ignores element-wise ops
     (activations, normalisation, biases, pooling, resizing); the result is its total divided by 2.
     """
+    from torch.utils.flop_counter import FlopCounterMode  # imported here: it pulls torch.fx and triton (slow import)
+
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         module_or_fn(*inputs)

@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 
 from gfenv.env import GlanceFocusVectorEnv
 
-INFO_KEYS = ("prediction", "confidence", "correct", "macs", "step")
+INFO_KEYS = ("prediction", "confidence", "correct", "macs", "glimpses")
 EPISODE_KEYS = ("correct", "macs")
 PER_SLOT_METHODS = ("action_masks", "cell_confidences")
 SINGLE_SPACES = {"observation_space": "single_observation_space", "action_space": "single_action_space"}
@@ -58,7 +58,7 @@ class SB3VecEnv(VecEnv):
     """``GlanceFocusVectorEnv`` (bare or wrapped) seen through SB3's ``VecEnv`` API (use ``to_sb3`` to build one).
 
     Observations, rewards and dones are numpy; ``infos[i]`` holds the slot's ``prediction``, ``confidence``,
-    ``correct``, ``macs`` and ``step`` (at an episode's end those of the finished episode, with
+    ``correct``, ``macs`` and ``glimpses`` (at an episode's end those of the finished episode, with
     ``terminal_observation`` and ``TimeLimit.truncated``). ``env`` is what gets stepped (the outermost wrapper),
     ``base`` the ``GlanceFocusVectorEnv`` underneath. All slots share one env object: ``get_attr`` returns the
     attribute of the outermost layer that has it once per slot (``observation_space``/``action_space`` give the

@@ -34,13 +34,13 @@ def test_make_vec_is_batched_env_and_256_slots_step():
     for _ in range(env.steps - 1):
         obs, r, term, trunc, info = env.step(torch.zeros(256, 2))
     assert r.shape == (256,) and term.all() and not trunc.any()
-    assert (info["step"] == env.steps).all()
+    assert (info["glimpses"] == env.steps).all()
 
 
 def test_episode_length_infos_and_next_step_autoreset():
     env = make(3)
     obs, info = env.reset(seed=0)
-    assert info["step"].tolist() == [1, 1, 1] and torch.all(info["macs"] == env.glance_macs)
+    assert info["glimpses"].tolist() == [1, 1, 1] and torch.all(info["macs"] == env.glance_macs)
     for k in range(env.steps - 1):
         obs, r, term, trunc, info = env.step(torch.zeros(3, 2))
         assert term.all() == (k == env.steps - 2)
@@ -50,7 +50,7 @@ def test_episode_length_infos_and_next_step_autoreset():
     assert torch.all(info["macs"] == expected)
     first_labels = env.labels.clone()
     obs, r, term, trunc, info = env.step(torch.zeros(3, 2))  # NEXT_STEP: this step resets, ignores the action
-    assert torch.all(r == 0) and not term.any() and info["step"].tolist() == [1, 1, 1]
+    assert torch.all(r == 0) and not term.any() and info["glimpses"].tolist() == [1, 1, 1]
     assert obs["step"][:, 0].tolist() == pytest.approx([1 / env.steps] * 3)
     assert not torch.equal(first_labels, env.labels) or True
 
@@ -80,7 +80,7 @@ def test_grid_stop_ends_episode_early_and_resets_next_step():
     assert term.tolist() == [True, False] and r[0] == 0
     assert info["macs"][0] == env.glance_macs and info["macs"][1] == env.glance_macs + env.focus_macs
     obs, r, term, trunc, info = env.step(torch.tensor([5, 5]))
-    assert info["step"].tolist() == [1, 3] and r[0] == 0
+    assert info["glimpses"].tolist() == [1, 3] and r[0] == 0
 
 
 def test_early_stops_leave_the_batches_the_source_returned_untouched():

@@ -134,7 +134,7 @@ def test_early_stop_resets_only_the_finished_slot():
     obs, _, dones, infos = venv.step(np.array([stop, 0, 1]))
     assert dones.tolist() == [True, False, False]
     assert "terminal_observation" in infos[0] and "terminal_observation" not in infos[1]
-    assert infos[0]["episode"]["l"] == 1 and infos[0]["step"] == 1
+    assert infos[0]["episode"]["l"] == 1 and infos[0]["glimpses"] == 1
     assert obs["visited"][0].sum() == 0 and obs["visited"][1].sum() == 1
     assert np.stack(venv.env_method("action_masks"))[0].all()
 

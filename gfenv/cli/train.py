@@ -41,7 +41,7 @@ from typing import Any
 import gymnasium
 
 from gfenv import ENV_ID
-from gfenv.task import canonical_words, recorded_task, resolve_task, task_words
+from gfenv.task import canonical_words, recorded_task, registered_words, resolve_task, task_words
 from gfenv.utils import keep_freed_memory, parse_kv
 
 
@@ -57,7 +57,7 @@ def task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if env_id not in gymnasium.registry:
         known = sorted(e for e in gymnasium.registry if e.startswith("gfenv/"))
         raise ValueError(f"--env {env_id}: no such env id. Registered gfenv ids: {', '.join(known)}.")
-    return env_id, {**canonical_words(gymnasium.spec(env_id).kwargs), **user}
+    return env_id, {**registered_words(env_id), **user}
 
 
 def stage1_config(args: argparse.Namespace):

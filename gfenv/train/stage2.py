@@ -24,7 +24,7 @@ from gfenv import ENV_ID
 from gfenv.cache import cover_episodes
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import run_episodes
-from gfenv.task import canonical_words, resolve_task, task_words
+from gfenv.task import canonical_words, registered_words, resolve_task, task_words
 from gfenv.train.runs import CONFIG, read_config, write_config
 
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
@@ -178,7 +178,7 @@ def resolve_config(cfg: PolicyTrainingConfig) -> dict[str, Any]:
     if cfg.env_id not in gymnasium.registry:
         raise ValueError(f"Unknown env id {cfg.env_id!r}.")
     hyperparams = load_hyperparams(agent, cfg.env_id, cfg.hyperparams)
-    env_kwargs = {**canonical_words(gymnasium.spec(cfg.env_id).kwargs), **hyperparams.pop("env_kwargs", {}),
+    env_kwargs = {**registered_words(cfg.env_id), **hyperparams.pop("env_kwargs", {}),
                   **canonical_words(cfg.env_kwargs)}
     num_envs = int(cfg.num_envs or hyperparams.pop("n_envs", DEFAULT_NUM_ENVS))
     timesteps = int(cfg.timesteps or hyperparams.pop("n_timesteps", DEFAULT_TIMESTEPS))
