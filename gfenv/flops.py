@@ -47,6 +47,20 @@ def model_macs(model: GFNetModel, image_shape: tuple[int, ...]) -> dict[str, int
     """
     cfg = model.config
     _channels(image_shape, cfg.in_channels)
+    # the counts follow the architecture, not the weights: one count per (architecture, image shape) in a process
+    # (a DummyVecEnv of single envs builds the same model many times)
+    key = (repr(cfg), *(type(m).__qualname__ for m in (model.glance_encoder, model.focus_encoder, model.classifier)),
+           tuple(image_shape))
+    if key not in _MACS:
+        _MACS[key] = _count_model_macs(model, image_shape)
+    return dict(_MACS[key])
+
+
+_MACS: dict[tuple, dict[str, int]] = {}
+
+
+def _count_model_macs(model: GFNetModel, image_shape: tuple[int, ...]) -> dict[str, int]:
+    cfg = model.config
     p = cfg.patch_size
     param = next(model.parameters())
     device, dtype = param.device, param.dtype

@@ -70,6 +70,10 @@ def entropy_drop(probs_before, probs_after, labels, step, macs, **_):
     return entropy(probs_before) - entropy(probs_after)
 
 
+_FINITE = frozenset(REWARDS.values())
+"""The rewards above: finite whenever the probabilities are (so their values are not checked at each step)."""
+
+
 class Reward:
     """A resolved reward: a registered name or a user callable, plus an optional cost per million MACs."""
 
@@ -84,6 +88,7 @@ class Reward:
         else:
             raise TypeError(f"reward must be a registered name or a callable, got {type(reward).__name__}.")
         self.fn, self.name, self.mac_cost = fn, name, float(mac_cost)
+        self.checked = fn not in _FINITE  # the built-in rewards are finite for finite probabilities: no check
         params = inspect.signature(fn).parameters
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.wants = {k for k in ("done", "probs_random") if k in params}
@@ -108,8 +113,9 @@ class Reward:
             raise ValueError(f"Reward {self.name!r} returned shape {tuple(r.shape)}; it must return shape ({b},), "
                              "one value per env.")
         r = r.to(torch.float32)
-        check_finite(r, f"Reward {self.name!r} returned NaN or inf; make it return finite values (clamp "
-                        "probabilities before taking logs).")
+        if self.checked:
+            check_finite(r, f"Reward {self.name!r} returned NaN or inf; make it return finite values (clamp "
+                            "probabilities before taking logs).")
         if self.mac_cost:
             r = r - self.mac_cost * macs.to(torch.float32) / 1e6
         return r
