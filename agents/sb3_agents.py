@@ -34,7 +34,7 @@ from gfenv.checkpoint import atomic_write
 from gfenv.env import ACTION_MODES, GlanceFocusVectorEnv
 from gfenv.flops import count_macs
 from gfenv.rollout import FIXED_ENV_KWARGS, action_mode_error
-from gfenv.sb3 import to_sb3
+from gfenv.sb3 import log_episode_statistics, to_sb3
 
 AGENT_FILE = "gfenv_agent.json"
 AGENT_FORMAT = "gfenv-sb3-agent-v1"
@@ -196,7 +196,8 @@ def sb3_kwargs(name: str, hyperparams: Mapping[str, Any], env: GlanceFocusVector
 
 class _CallbackBridge(BaseCallback):
     """Calls gfenv ``TrainingCallback``s from inside an SB3 ``learn`` after every vector step, and logs the training
-    episodes' final accuracy (``rollout/ep_correct_mean``) next to SB3's ``rollout/ep_rew_mean``."""
+    episodes' statistics (``gfenv.sb3.log_episode_statistics``: ``rollout/ep_correct_mean``, the accuracy after each
+    glimpse, ...) next to SB3's ``rollout/ep_rew_mean``."""
 
     def __init__(self, agent: SB3Agent, callbacks: list[TrainingCallback]):
         super().__init__()
@@ -206,9 +207,7 @@ class _CallbackBridge(BaseCallback):
         return all([cb.on_step(self.agent, self.num_timesteps) is not False for cb in self.callbacks])
 
     def _on_rollout_end(self) -> None:
-        correct = [float(e["correct"]) for e in self.model.ep_info_buffer if "correct" in e]
-        if correct:
-            self.logger.record("rollout/ep_correct_mean", sum(correct) / len(correct))
+        log_episode_statistics(self.model)
 
 
 class SB3Agent(LearnedAgent):
@@ -383,7 +382,7 @@ def build_sb3_agent(name: str, env_kwargs: Mapping[str, Any] | None = None, num_
 
 
 def _gfenv(venv: VecEnv) -> GlanceFocusVectorEnv:
-    return venv.venv.env if hasattr(venv, "venv") else venv.env
+    return venv.venv.base if hasattr(venv, "venv") else venv.base
 
 
 def _to_numpy(obs: Any) -> Any:
