@@ -351,6 +351,16 @@ class SB3Agent(LearnedAgent):
         return cls(name, model, env_kwargs, seed=seed)
 
 
+def load_sb3_model(path: str | os.PathLike, name: str, env_kwargs: Mapping[str, Any],
+                   device: str = "cpu") -> SB3Agent:
+    """An SB3 model saved by another trainer (rl-baselines3-zoo) as the gfenv agent ``name``, to act on envs built
+    with ``env_kwargs`` (its action and observation modes)."""
+    kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in env_kwargs.items()}
+    check_action(name, SB3_SPECS[name], kwargs["action"])
+    model = SB3_SPECS[name].algo.load(path, device=device)
+    return SB3Agent(name, model, kwargs)
+
+
 def read_agent_file(path: str | os.PathLike) -> dict[str, Any]:
     """The ``gfenv_agent.json`` entry of an SB3 agent's ``.zip`` (agent name, env kwargs)."""
     path = Path(path)

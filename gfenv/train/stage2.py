@@ -25,7 +25,7 @@ from gfenv.cache import cover_episodes
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import run_episodes
 from gfenv.task import canonical_words, registered_words, resolve_task, task_words
-from gfenv.train.runs import CONFIG, read_config, write_config
+from gfenv.train.runs import CONFIG, read_config, write_config, write_zoo_files
 
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 TRAINER_KEYS = ("n_envs", "n_timesteps", "env_kwargs")
@@ -233,6 +233,7 @@ def train_policy(cfg: PolicyTrainingConfig, run_dir: str | os.PathLike, resume: 
         raise
     agent.save(run_dir / f"last{suffix}")
     agent.save(run_dir / f"model{suffix}")
+    write_zoo_files(run_dir, config, run_dir / f"model{suffix}")  # rl-baselines3-zoo's enjoy reads the run too
     if cfg.eval_freq >= 0 and evaluator.last_eval < agent.num_timesteps:
         evaluator.evaluate(agent, agent.num_timesteps)
     if evaluator.history():
