@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=3, help="rounds of all measures (per_env, sb3_ppo: the first only)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--cache-images", type=int, default=1024, help="images in the cached mode's feature cache")
+    p.add_argument("--imports", type=int, default=5, help="rounds of import timings (gfenv against torch; 0: none)")
+    p.add_argument("--single-episodes", type=int, default=32, help="episodes per timed run of the single env")
     p.add_argument("--skip", default="", help=f"comma-separated measures to leave out ({', '.join(KEYS)})")
     p.add_argument("--memory", action="store_true", help="CUDA: peak memory of GFNet's ImageNet stage-1 settings")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the batched steps")
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.num_envs, args.repeats, args.episodes, args.cycles) < 1:
         p.error("--num-envs, --repeats, --episodes and --cycles must be at least 1.")
     report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cycles, args.cache_images,
-                 skip,
-                 args.memory, args.profile, log=lambda s: print(s, file=sys.stderr, flush=True))
+                 skip, args.memory, args.profile, log=lambda s: print(s, file=sys.stderr, flush=True),
+                 import_rounds=args.imports, single_episodes=args.single_episodes)
     print(format_report(report))
     if args.json:
         path = Path(args.json)
