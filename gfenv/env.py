@@ -391,8 +391,15 @@ class GlanceFocusVectorEnv(VectorEnv):
         """Validate actions; return (corners (N, 2), cell index (N,), stop mask (N,) or None)."""
         n = self.num_envs
         if self.action_mode == "continuous":
-            a = _as_tensor(actions, torch.float32, self.device).reshape(n, 2)
-            check_finite(a, "Action contains NaN or inf; a continuous action is a location in [-1, 1]^2.")
+            message = "Action contains NaN or inf; a continuous action is a location in [-1, 1]^2."
+            if isinstance(actions, torch.Tensor):
+                a = actions.to(device=self.device, dtype=torch.float32).reshape(n, 2)
+                check_finite(a, message)
+            else:  # checked on the host, before the copy: a few numpy calls instead of three tensor ops
+                arr = np.asarray(actions, dtype=np.float32).reshape(n, 2)
+                if not np.isfinite(arr).all():
+                    raise ValueError(message)
+                a = torch.from_numpy(arr).to(self.device)
             loc = (a.clamp(-1.0, 1.0) + 1.0) / 2.0  # (N, 2) in GFNet's [0, 1]^2, order (y, x)
             # = location_to_corner(loc, H, W, P) (loc is in [0, 1] already), both coordinates in one set of ops
             corners = (loc * self._corner_scale).floor_().long()

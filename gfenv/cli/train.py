@@ -21,8 +21,8 @@ the validation split (carved from train); the test split is left to evaluate_age
 
 Stage 3 (fine-tuning on a policy's glimpses): the classifier and the focus encoder, as the main job does, on the
 patches an agent picks with its actions sampled (GFNet's frozen mode), e.g.
-    python train_agent.py --stage 3 --run-dir runs/maskable_ppo/GlanceFocus-v0_1     # writes <run>/stage3/model.pt
-    python train_agent.py --stage 3 --agent center                                    # a fixed agent: runs/center/...
+    python train_agent.py --stage 3 --run-dir runs/maskable_ppo/gfenv-GlanceFocus-v0_1   # writes <run>/stage3/model.pt
+    python train_agent.py --stage 3 --agent center     # a fixed agent: runs/center/...
 --hyperparams take Stage3Config fields (train_focus=false for the classifier alone, episodes=N, ...).
 
 Static reference: the same encoder family on the whole image at full resolution (the accuracy GFNet must match), e.g.
