@@ -36,7 +36,7 @@ from gfenv.checkpoint import CheckpointError, atomic_write, load_weights
 from gfenv.env import ACTION_MODES, GRID_MODES, GlanceFocusVectorEnv
 from gfenv.flops import count_macs
 from gfenv.rollout import FIXED_ENV_KWARGS, action_mode_error
-from gfenv.sb3 import to_sb3
+from gfenv.sb3 import log_episode_statistics, to_sb3
 from gfenv.utils import InvalidType, check_bool, check_choice, check_float, check_int
 
 AGENT_FILE = "gfenv_agent.json"
@@ -298,7 +298,8 @@ def sb3_kwargs(name: str, hyperparams: Mapping[str, Any], env: GlanceFocusVector
 
 class _CallbackBridge(BaseCallback):
     """Calls gfenv ``TrainingCallback``s from inside an SB3 ``learn`` after every vector step, and logs the training
-    episodes' final accuracy (``rollout/ep_correct_mean``) next to SB3's ``rollout/ep_rew_mean``."""
+    episodes' statistics (``gfenv.sb3.log_episode_statistics``: ``rollout/ep_correct_mean``, the accuracy after each
+    glimpse, ...) next to SB3's ``rollout/ep_rew_mean``."""
 
     def __init__(self, agent: SB3Agent, callbacks: list[TrainingCallback]):
         super().__init__()
@@ -308,9 +309,7 @@ class _CallbackBridge(BaseCallback):
         return all([cb.on_step(self.agent, self.num_timesteps) is not False for cb in self.callbacks])
 
     def _on_rollout_end(self) -> None:
-        correct = [float(e["correct"]) for e in self.model.ep_info_buffer if "correct" in e]
-        if correct:
-            self.logger.record("rollout/ep_correct_mean", sum(correct) / len(correct))
+        log_episode_statistics(self.model)
 
 
 class SB3Agent(LearnedAgent):
@@ -621,6 +620,16 @@ def _rebuild_settings(path: Path, meta: dict[str, Any], config: dict[str, Any] |
             "glance_map_shape": tuple(probe.glance_map_shape)}
 
 
+def load_sb3_model(path: str | os.PathLike, name: str, env_kwargs: Mapping[str, Any],
+                   device: str = "cpu") -> SB3Agent:
+    """An SB3 model saved by another trainer (rl-baselines3-zoo) as the gfenv agent ``name``, to act on envs built
+    with ``env_kwargs`` (its action and observation modes)."""
+    kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in env_kwargs.items()}
+    check_action(name, SB3_SPECS[name], kwargs["action"])
+    model = SB3_SPECS[name].algo.load(path, device=device)
+    return SB3Agent(name, model, kwargs)
+
+
 def read_agent_file(path: str | os.PathLike) -> dict[str, Any]:
     """The ``gfenv_agent.json`` entry of an SB3 agent's ``.zip`` (agent name, env kwargs, rebuild settings)."""
     path = Path(path)
@@ -740,7 +749,7 @@ def build_sb3_agent(name: str, env_kwargs: Mapping[str, Any] | None = None, num_
 
 
 def _gfenv(venv: VecEnv) -> GlanceFocusVectorEnv:
-    return venv.venv.env if hasattr(venv, "venv") else venv.env
+    return venv.venv.base if hasattr(venv, "venv") else venv.base
 
 
 def _to_numpy(obs: Any) -> Any:

@@ -20,3 +20,7 @@ __version__ = "0.1.0"
 ENV_ID = "gfenv/GlanceFocus-v0"
 
 register_builtin_tasks()
+
+from gfenv.zoo import install_if_imported  # noqa: E402  (rl-baselines3-zoo: --gym-packages gfenv)
+
+install_if_imported()

@@ -7,6 +7,7 @@ Gymnasium's and Stable-Baselines3's checkers and for plain ``gymnasium.make``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,14 @@ from gfenv.flops import model_macs
 from gfenv.glimpse import GLANCE_MODES, check_patch_size, crop, glance, grid_corners, location_to_corner
 from gfenv.models import encode
 from gfenv.rewards import Reward, RewardFn, check_finite
-from gfenv.task import ASSETS, resolve_task
+from gfenv.task import ASSETS, TASKS, resolve_task
 from gfenv.utils import InvalidType, check_choice, check_device, check_int, check_text
 
 ACTION_MODES = ("continuous", "grid", "grid+stop")
 GRID_MODES = tuple(m for m in ACTION_MODES if m != "continuous")  # discrete modes: a grid cell (or stop) per step
 OBSERVATION_MODES = ("dict", "gfnet", "flat")
 DEFAULT_CHECKPOINT = ASSETS / "glyphs_small_cnn.pt"
+PREFETCH = 32  # images a one-slot env draws ahead (its episodes are unchanged: _next_single_image)
 FEATURE_BOUND = 1e6  # finite stand-in for unbounded features: SB3's checker refuses infinite Box bounds
 
 
@@ -45,7 +47,12 @@ def _state_safe(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.inference_mode(False), torch.no_grad():
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return fn(*args, **kwargs)
+        if not torch.is_grad_enabled():  # the common case inside a training loop's no_grad: nothing to switch
+            return fn(*args, **kwargs)
+        with torch.no_grad():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -93,10 +100,14 @@ class GlanceFocusVectorEnv(VectorEnv):
     takes the glance: t = 1 of T glimpses.
 
     ## Episode End
-    Terminated after T glimpses (T - 1 focus steps) or when the stop action is taken. Never truncated. The info
-    dict carries, every step, ``prediction``, ``confidence`` (max probability), ``true_confidence``, ``correct``, the
-    cumulative ``macs`` and the ``step`` (glimpses taken) of each slot.
+    Terminated after T glimpses (T - 1 focus steps) or when the stop action is taken. Never truncated (the
+    registrations declare ``max_episode_steps`` = T - 1). The info dict carries, every step, ``prediction``,
+    ``confidence`` (max probability), ``true_confidence``, ``correct``, the cumulative ``macs`` and ``glimpses`` (the
+    glimpses taken, glance included) of each slot, and in the grid modes ``action_mask`` ((N, A) bool, the actions
+    allowed next: ``action_masks()`` as a tensor).
     Autoreset mode NEXT_STEP by default: the step after an episode ends resets that slot and ignores its action.
+    SAME_STEP resets it within the step that ends it (``final_obs``/``final_info``, as SB3 and TorchRL need);
+    DISABLED leaves it to ``reset(options={"reset_mask": mask})``.
 
     ## Arguments
     ``gymnasium.make_vec("gfenv/GlanceFocus-v0", num_envs=N, **kwargs)``. The task, in flat words (``gfenv.task``):
@@ -108,7 +119,9 @@ class GlanceFocusVectorEnv(VectorEnv):
     (checked against the checkpoint), ``steps`` (T, default the checkpoint's). How episodes run: ``split``
     ("train", "val" (carved from train) or "test"), ``action``, ``grid`` (G, default 7), ``observation``,
     ``reward``, ``mac_cost``, ``sampling``, ``device``, ``seed``, ``render_mode`` ("rgb_array"), ``autoreset_mode``
-    (fixed for the env's lifetime), ``cache``, ``cache_dir``, ``cache_images``.
+    (fixed for the env's lifetime), ``cache``, ``cache_dir``, ``cache_images``. ``max_episode_steps`` (T - 1, as
+    ``gymnasium.make_vec`` passes it from the registration: ``steps`` wins over the registered value). Grid actions
+    are (N,) cell indices, or (N, A) one-hot rows (TorchRL's ``OneHot`` spec).
 
     ## Version History
     - v0: initial release.
@@ -187,8 +200,10 @@ class GlanceFocusVectorEnv(VectorEnv):
         if cfg.classifier == "cascaded" and self.steps > cfg.steps:
             raise ValueError(f"The cascaded classifier has {cfg.steps} heads; steps={self.steps} is too many.")
         if max_episode_steps is not None and max_episode_steps != self.steps - 1:
-            raise ValueError(f"max_episode_steps={max_episode_steps} disagrees with steps={self.steps} "
-                             f"(an episode is T - 1 = {self.steps - 1} focus steps); set steps instead.")
+            registered = TASKS[self.task.env_id].steps - 1 if self.task.env_id in TASKS else None
+            if steps is None or max_episode_steps != registered:  # else: the registration's, passed on by make_vec
+                raise ValueError(f"max_episode_steps={max_episode_steps} disagrees with steps={self.steps} "
+                                 f"(an episode is T - 1 = {self.steps - 1} focus steps); set steps instead.")
         self.grid = grid
         self.reward_fn = reward_fn
         if cache is not None and self.reward_fn.needs_random:
@@ -196,16 +211,24 @@ class GlanceFocusVectorEnv(VectorEnv):
                              "feature cache does not hold; use cache=None with it.")
         self.corners = grid_corners(self.grid, h, w, self.patch_size, self.device)  # (G*G, 2)
         self._span = (max(h - self.patch_size, 1), max(w - self.patch_size, 1))
+        # per-step constants, made once on the device (no host->device copy in a step)
+        self._corner_scale = torch.tensor([h - self.patch_size, w - self.patch_size], dtype=torch.float32,
+                                          device=self.device)
+        self._span_t = torch.tensor(self._span, dtype=torch.float32, device=self.device)
+        self._cell_strides = torch.tensor([self.grid, 1], device=self.device)
         self.cache = None
         if cache is not None:
             self.cache = FeatureCache.build(self.model, self.source, self.corners, self.patch_size, cache_images,
                                             cache, cache_dir, with_cell_maps=observation == "gfnet")
         self._num_images = len(self.cache) if self.cache is not None else len(self.source)
 
+
         macs = model_macs(self.model, self.source.image_shape)
         self.macs = {k: int(v) for k, v in macs.items()}
         self.glance_macs = self.macs["glance_encoder"] + self.macs["classifier"]
         self.focus_macs = self.macs["focus_encoder"] + self.macs["classifier"]
+        self._focus_macs = torch.full((self.num_envs,), float(self.focus_macs), device=self.device)  # a step's MACs
+        self._rows = torch.arange(self.num_envs, device=self.device)
 
         with torch.no_grad():
             probe = torch.zeros(1, c, self.patch_size, self.patch_size, device=self.device)
@@ -219,6 +242,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,)).item()))
         self._cursor = 0
+        self._ahead: list | None = None  # a one-slot env's images drawn ahead (_next_single_image)
         self.lockstep = action != "grid+stop"  # every slot's episode starts and ends together
         self.stop_action = self.grid * self.grid if action == "grid+stop" else None  # the action that stops
         # on CUDA, early-stopped slots are reset by masks over all slots (no nonzero(): no device->host sync)
@@ -276,23 +300,44 @@ class GlanceFocusVectorEnv(VectorEnv):
             return idx
         return torch.randint(self._num_images, (count,), generator=self._gen, device=self.device)
 
+    def _get_images(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.source.get(idx)
+        if not self.source.finite_by_construction:
+            check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
+        if labels.numel():
+            _check_labels(labels, self.num_classes)
+        return images, labels
+
+    def _next_single_image(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, image, label) of a one-slot env's next episode, read from a batch of ``PREFETCH`` images drawn
+        ahead: a source draws a batch of images in about the time of one, and the draws are those one at a time
+        would make (the same generator calls, the same order), so the episodes are the same."""
+        if self._ahead is None or self._ahead[3] >= len(self._ahead[0]):
+            idx = self._draw(PREFETCH)
+            self._ahead = [idx, *self._get_images(idx), 0]
+        idx, images, labels, k = self._ahead
+        self._ahead[3] = k + 1
+        return idx[k:k + 1], images[k:k + 1], labels[k:k + 1]
+
     def _reset_slots(self, rows: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Start new episodes in ``rows`` (all slots when None), or in the slots where ``mask`` is True (computed for
         every slot, kept where the mask says: no host sync): draw images, take the glance."""
         count = self.num_envs if rows is None else rows.numel()
-        idx = self._draw(count)
         if self.cache is not None:
+            idx = self._draw(count)
             labels = self.cache.take("labels", idx)
             feats, fmap = self.cache.take("glance_features", idx), self.cache.take("glance_maps", idx)
             values = {}
         else:
-            images, labels = self.source.get(idx)
-            if not self.source.finite_by_construction:
-                check_finite(images, "The image source returned NaN or inf pixels; clean the data (or its transform).")
+            if self.num_envs == 1 and rows is None and mask is None and not self.reward_fn.needs_random:
+                idx, images, labels = self._next_single_image()
+            else:
+                idx = self._draw(count)
+                images, labels = self._get_images(idx)
             g = glance(images, self.patch_size, self.model.config.glance_mode)
             feats, fmap = encode(self.model.glance_encoder, g)
             values = {"images": images}
-        if labels.numel():
+        if self.cache is not None and labels.numel():
             _check_labels(labels, self.num_classes)
         logits, memory = self.model.classifier.first(feats)  # = step(feats, init_state(count), 0)
         fmap = fmap.contiguous()  # (D, h, w) order in memory (not channels_last): observations flatten it as a view
@@ -306,6 +351,17 @@ class GlanceFocusVectorEnv(VectorEnv):
         # into visited and history, which are never returned). The one exception is the image batch (never returned)
         # on a partial reset by rows: written in place, after a copy of the source's batch (a full reset keeps that
         # batch itself: ImageSource.get returns a new tensor).
+        if rows is None and mask is None:  # every slot: the new tensors themselves, constants as new tensors
+            for name, v in values.items():
+                target = getattr(self, name)
+                if isinstance(v, torch.Tensor):
+                    setattr(self, name, v if v.dtype == target.dtype and v.device == target.device
+                            else v.to(target.device, target.dtype))
+                else:
+                    setattr(self, name, torch.full_like(target, v))
+            self._own_images = False
+            self._cell_features = None
+            return
         for name, v in values.items():  # tensors (one row per reset slot) and constants
             target = getattr(self, name)
             if isinstance(v, torch.Tensor):
@@ -344,7 +400,9 @@ class GlanceFocusVectorEnv(VectorEnv):
         conf, pred = self.probs.max(1)
         ones = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         info = {"prediction": pred, "confidence": conf, "correct": pred == self.labels, "macs": self.cum_macs,
-                "step": self.t, "true_confidence": self.probs.gather(1, self.labels[:, None]).squeeze(1)}
+                "glimpses": self.t, "true_confidence": self.probs.gather(1, self.labels[:, None]).squeeze(1)}
+        if self.action_mode != "continuous":
+            info["action_mask"] = self._action_mask()
         info.update({f"_{k}": ones for k in list(info)})
         return info
 
@@ -355,6 +413,7 @@ class GlanceFocusVectorEnv(VectorEnv):
         integers or whole floats for cells; never bools, complex numbers, strings or objects)."""
         n, continuous = self.num_envs, self.action_mode == "continuous"
         expected = (n, 2) if continuous else (n,)
+        one_hot = () if continuous else (n, self.single_action_space.n)  # TorchRL's OneHot rows
         what = (f"one (y, x) location in [-1, 1] per slot, for {n} slot(s)" if continuous
                 else f"one cell index in 0..{self.single_action_space.n - 1} per slot, for {n} slot(s)")
         if isinstance(actions, torch.Tensor):
@@ -367,6 +426,8 @@ class GlanceFocusVectorEnv(VectorEnv):
             except (ValueError, TypeError) as err:  # ragged nested lists
                 raise ValueError(f"actions cannot be read as an array of shape {expected} ({what}): {err}") from None
             shape, dtype, kind = actions.shape, actions.dtype, actions.dtype.kind
+        if shape == one_hot and kind in "biuf":
+            return actions
         if shape != expected:
             swapped = " (the transposed shape: actions are never reshaped)" if shape == expected[::-1] else ""
             raise ValueError(f"actions of shape {shape}{swapped}: the action space {self.action_space} expects shape "
@@ -377,19 +438,35 @@ class GlanceFocusVectorEnv(VectorEnv):
                               f"({what}), not {got}.")
         return actions
 
+    def _action_mask(self) -> torch.Tensor:
+        """(N, A) bool on the device: the grid cells not yet visited (and the stop action)."""
+        masks = ~self.visited
+        if self.action_mode == "grid+stop":
+            masks = torch.cat([masks, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device)], 1)
+        return masks
+
     def _actions_to_corners(self, actions: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Validate actions; return (corners (N, 2), cell index (N,), stop mask (N,) or None)."""
-        actions = self._check_actions(actions)
+        n, actions = self.num_envs, self._check_actions(actions)
         if self.action_mode == "continuous":
-            a = _as_tensor(actions, torch.float32, self.device)
-            check_finite(a, "Action contains NaN or inf; a continuous action is a location in [-1, 1]^2.")
+            message = "Action contains NaN or inf; a continuous action is a location in [-1, 1]^2."
+            if isinstance(actions, torch.Tensor):
+                a = actions.to(device=self.device, dtype=torch.float32)
+                check_finite(a, message)
+            else:  # checked on the host, before the copy: a few numpy calls instead of three tensor ops
+                arr = np.asarray(actions, dtype=np.float32)
+                if not np.isfinite(arr).all():
+                    raise ValueError(message)
+                a = torch.from_numpy(arr).to(self.device)
             loc = (a.clamp(-1.0, 1.0) + 1.0) / 2.0  # (N, 2) in GFNet's [0, 1]^2, order (y, x)
-            corners = location_to_corner(loc, self.height, self.width, self.patch_size)
-            i = (corners[:, 0].float() / self._span[0] * (self.grid - 1)).round().long()
-            j = (corners[:, 1].float() / self._span[1] * (self.grid - 1)).round().long()
-            return corners, i * self.grid + j, None
-        a = _as_tensor(actions, torch.long, self.device)
+            # = location_to_corner(loc, H, W, P) (loc is in [0, 1] already), both coordinates in one set of ops
+            corners = (loc * self._corner_scale).floor_().long()
+            ij = (corners.float() / self._span_t * (self.grid - 1)).round_().long()  # the nearest grid cell (i, j)
+            return corners, (ij * self._cell_strides).sum(1), None
         n_actions = self.single_action_space.n
+        if tuple(getattr(actions, "shape", ())) == (n, n_actions) and n_actions > 1:  # one-hot rows (TorchRL's OneHot)
+            actions = _one_hot_to_index(actions, self.device)
+        a = _as_tensor(actions, torch.long, self.device).reshape(n)
         if a.device.type == "cpu":
             if bool(((a < 0) | (a >= n_actions)).any()):
                 bad = a[(a < 0) | (a >= n_actions)][0].item()
@@ -413,10 +490,25 @@ class GlanceFocusVectorEnv(VectorEnv):
     # ------------------------------------------------------------------------------------------------ the API
     @_state_safe
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        """Start new episodes in every slot, or (``options={"reset_mask": mask}``, Gymnasium's convention for
+        ``AutoresetMode.DISABLED``) in the slots where the (N,) bool mask is True; the others go on as they were.
+        Episodes in lockstep (every action mode but ``grid+stop``) restart together: a mask that is not all True
+        is refused for them unless every slot's episode has ended."""
         if seed is not None:
             s = seed[0] if isinstance(seed, (list, tuple)) else seed
             self._gen.manual_seed(int(s))
             self._cursor = 0
+            self._ahead = None
+        mask = (options or {}).get("reset_mask")
+        if mask is not None and self._t_host > 0:
+            mask = _as_tensor(mask, torch.bool, self.device).reshape(self.num_envs)
+            if not self.lockstep:
+                self._reset_where(mask)
+                return self._observation(), self._info()
+            if self.device.type == "cpu" and not bool(mask.all()) and self._t_host < self.steps:
+                raise ValueError(f"reset_mask resets some slots only, but with action={self.action_mode!r} the "
+                                 "episodes run in lockstep (they start and end together): reset every slot, or use "
+                                 "action='grid+stop'.")
         self._reset_slots(None)
         self._t_host = 1
         return self._observation(), self._info()
@@ -454,25 +546,34 @@ class GlanceFocusVectorEnv(VectorEnv):
             """``new`` where the slot moved, ``old`` where it did not."""
             return new if moving is None else torch.where(moving.view(-1, *[1] * (new.dim() - 1)), new, old)
 
-        step_macs = kept(torch.full((n,), float(self.focus_macs), device=dev), 0.0)
+        # (when every slot moves, constants and in-place updates stand in for the masked ops: fewer ops per step)
+        step_macs = self._focus_macs if moving is None else kept(self._focus_macs, 0.0)
         new_t = self.t + (1 if moving is None else moving.long())
-        done = (new_t >= self.steps) | (stop if stop is not None else False)
+        done = new_t >= self.steps
+        if stop is not None:
+            done = done | stop
         if not self.lockstep:
             done = done | self.done
         probs_after = kept(probs, self.probs)
         probs_random = self._random_glimpse_probs() if self.reward_fn.needs_random else None
-        reward = self.reward_fn(self.probs, probs_after, self.labels, new_t - 1, step_macs, done, probs_random)
+        reward = self.reward_fn(self.probs, probs_after, self.labels, self.t if moving is None else new_t - 1,
+                                step_macs, done, probs_random)
         reward = kept(reward, 0.0)
         self.memory, self.last_features = kept(memory, self.memory), kept(feats, self.last_features)
         if self.observation_mode == "gfnet":
             self.last_map = kept(fmap, self.last_map)
-        rows = torch.arange(n, device=dev)
-        slot = (self.t - 1).clamp(0, self.steps - 2)
-        self.visited[rows, cell] = True if moving is None else self.visited[rows, cell] | moving
-        self.history[rows, slot] = corners if moving is None else kept(corners, self.history[rows, slot])
+        if moving is None and self.lockstep:  # every slot at glimpse _t_host
+            self.visited.scatter_(1, cell[:, None], True)
+            self.history[:, self._t_host - 1] = corners
+            self.cum_macs = self.cum_macs + float(self.focus_macs)
+        else:
+            rows = self._rows
+            slot = (self.t - 1).clamp(0, self.steps - 2)
+            self.visited[rows, cell] = True if moving is None else self.visited[rows, cell] | moving
+            self.history[rows, slot] = corners if moving is None else kept(corners, self.history[rows, slot])
+            self.cum_macs = self.cum_macs + step_macs.double()
         self.probs = probs_after
         self.t = new_t
-        self.cum_macs = self.cum_macs + step_macs.double()
         self.done = done
         self._t_host += 1
         terminated, truncated = done.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
@@ -524,13 +625,11 @@ class GlanceFocusVectorEnv(VectorEnv):
         return self.model.classifier.step(feats, self.memory, 1)[0].float().softmax(1)
 
     def action_masks(self) -> np.ndarray:
-        """(N, A) bool: the grid cells not yet visited (and the stop action), for MaskablePPO."""
+        """(N, A) bool: the grid cells not yet visited (and the stop action), for MaskablePPO; the same as
+        ``info["action_mask"]`` (a tensor on the device)."""
         if self.action_mode == "continuous":
             raise AttributeError("action_masks() exists for the grid action modes; use action='grid'.")
-        masks = ~self.visited
-        if self.action_mode == "grid+stop":
-            masks = torch.cat([masks, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device)], 1)
-        return masks.cpu().numpy()
+        return self._action_mask().cpu().numpy()
 
     @_state_safe
     def cell_confidences(self) -> torch.Tensor:
@@ -602,6 +701,21 @@ def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.as_tensor(arr, device=device).to(dtype)
 
 
+def _one_hot_to_index(actions: Any, device: torch.device) -> torch.Tensor:
+    """(N, A) one-hot rows (bool or integers, as TorchRL's ``OneHot`` spec gives them) -> (N,) indices; rows that are
+    not one-hot are refused (checked without a sync on CUDA)."""
+    a = actions.to(device) if isinstance(actions, torch.Tensor) else torch.as_tensor(np.asarray(actions), device=device)
+    if a.dtype.is_floating_point:
+        raise ValueError("Grid actions given as (N, A) must be one-hot rows (bool or integers), not floats.")
+    ok = ((a == 0) | (a == 1)).all() & (a.sum(1) == 1).all()
+    if a.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError("Grid actions given as (N, A) must be one-hot rows: one 1 per row, zeros elsewhere.")
+    else:
+        torch._assert_async(ok, "Grid actions given as (N, A) must be one-hot rows.")
+    return a.argmax(1)
+
+
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     if labels.device.type == "cpu":
         bad = (labels < 0) | (labels >= num_classes)
@@ -613,15 +727,38 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
                             f"A label is outside [0, {num_classes}): the data and the model disagree on classes.")
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """Run the block with ``n`` intra-op threads (None: torch's setting), then restore torch's setting."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class GlanceFocusEnv(gym.Env):
-    """The single-env view of ``GlanceFocusVectorEnv`` (a batch of one, numpy observations); see its docstring."""
+    """The single-env view of ``GlanceFocusVectorEnv`` (a batch of one, numpy observations); see its docstring.
+
+    ``threads`` (default 1): the intra-op threads its ``reset`` and ``step`` run with on a CPU, torch's setting
+    restored after each call. A batch of one gains nothing from splitting its small convolutions across threads, and
+    the threads' hand-offs cost more than the work (several times more on a machine busy with other processes);
+    None keeps torch's setting.
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
 
-    def __init__(self, render_mode: str | None = None, **kwargs):
+    def __init__(self, render_mode: str | None = None, threads: int | None = 1, **kwargs):
         kwargs.pop("num_envs", None)
-        self.vec = GlanceFocusVectorEnv(num_envs=1, render_mode=render_mode,
-                                        autoreset_mode=AutoresetMode.NEXT_STEP, **kwargs)
+        cpu = torch.device(kwargs.get("device") or "cpu").type == "cpu"
+        self.threads = threads if cpu else None
+        with _intra_op_threads(self.threads):
+            self.vec = GlanceFocusVectorEnv(num_envs=1, render_mode=render_mode,
+                                            autoreset_mode=AutoresetMode.NEXT_STEP, **kwargs)
         self.render_mode = render_mode
         self.observation_space = self.vec.single_observation_space
         self.action_space = self.vec.single_action_space
@@ -631,21 +768,24 @@ class GlanceFocusEnv(gym.Env):
         """Numpy copies: Gymnasium's contract is new observation data on every call (the vector env's glance map is
         one tensor for a whole episode)."""
         if isinstance(obs, dict):
-            return {k: v[0].cpu().numpy().copy() for k, v in obs.items()}
-        return obs[0].cpu().numpy().copy()
+            return {k: v.cpu().numpy()[0].copy() for k, v in obs.items()}
+        return obs.cpu().numpy()[0].copy()
 
     @staticmethod
     def _info(info: dict) -> dict:
-        return {k: v[0].item() for k, v in info.items() if not k.startswith("_") and isinstance(v, torch.Tensor)}
+        """Slot 0's entries: numbers, and numpy arrays for per-slot vectors (``action_mask``)."""
+        return {k: (v.tolist()[0] if v.dim() == 1 else v.cpu().numpy()[0]) for k, v in info.items()
+                if not k.startswith("_") and isinstance(v, torch.Tensor)}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is None and not hasattr(self, "_seeded"):
             seed = int(self.np_random.integers(2**31))
         self._seeded = True
-        obs, info = self.vec.reset(seed=seed, options=options)
-        self._ended = False
-        return self._np(obs), self._info(info)
+        with _intra_op_threads(self.threads):
+            obs, info = self.vec.reset(seed=seed, options=options)
+            self._ended = False
+            return self._np(obs), self._info(info)
 
     def step(self, action: Any):
         if self._ended:
@@ -659,9 +799,11 @@ class GlanceFocusEnv(gym.Env):
             raise ValueError(f"action of shape {shape}: the action space {self.action_space} expects shape "
                              f"{expected}" + (", one (y, x) location in [-1, 1]." if expected else ", one cell index."))
         a = np.asarray(action)[None] if not isinstance(action, torch.Tensor) else action[None]
-        obs, reward, terminated, truncated, info = self.vec.step(a)
-        self._ended = bool(terminated[0] or truncated[0])
-        return self._np(obs), float(reward[0]), bool(terminated[0]), bool(truncated[0]), self._info(info)
+        with _intra_op_threads(self.threads):
+            obs, reward, terminated, truncated, info = self.vec.step(a)
+            (r,), (term,), (trunc,) = reward.tolist(), terminated.tolist(), truncated.tolist()
+            self._ended = term or trunc
+            return self._np(obs), r, term, trunc, self._info(info)
 
     def action_masks(self) -> np.ndarray:
         return self.vec.action_masks()[0]

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from gfenv.glimpse import glance
 from gfenv.models import GFNetModel
@@ -22,6 +21,8 @@ def count_macs(module_or_fn: nn.Module | Callable[..., Any], *inputs: Any) -> in
     FlopCounterMode counts matmuls and convolutions (2 FLOPs per multiply-add) and ignores element-wise ops
     (activations, normalisation, biases, pooling, resizing); the result is its total divided by 2.
     """
+    from torch.utils.flop_counter import FlopCounterMode  # imported here: it pulls torch.fx and triton (slow import)
+
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         module_or_fn(*inputs)
@@ -46,6 +47,20 @@ def model_macs(model: GFNetModel, image_shape: tuple[int, ...]) -> dict[str, int
     """
     cfg = model.config
     _channels(image_shape, cfg.in_channels)
+    # the counts follow the architecture, not the weights: one count per (architecture, image shape) in a process
+    # (a DummyVecEnv of single envs builds the same model many times)
+    key = (repr(cfg), *(type(m).__qualname__ for m in (model.glance_encoder, model.focus_encoder, model.classifier)),
+           tuple(image_shape))
+    if key not in _MACS:
+        _MACS[key] = _count_model_macs(model, image_shape)
+    return dict(_MACS[key])
+
+
+_MACS: dict[tuple, dict[str, int]] = {}
+
+
+def _count_model_macs(model: GFNetModel, image_shape: tuple[int, ...]) -> dict[str, int]:
+    cfg = model.config
     p = cfg.patch_size
     param = next(model.parameters())
     device, dtype = param.device, param.dtype

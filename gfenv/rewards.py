@@ -74,6 +74,10 @@ def entropy_drop(probs_before, probs_after, labels, step, macs, **_):
     return entropy(probs_before) - entropy(probs_after)
 
 
+_FINITE = frozenset(REWARDS.values())
+"""The rewards above: finite whenever the probabilities are (so their values are not checked at each step)."""
+
+
 class Reward:
     """A resolved reward: a registered name or a user callable, plus an optional cost per million MACs."""
 
@@ -91,6 +95,7 @@ class Reward:
                               "step, macs) -> (B,) tensor.")
         self.fn, self.name = fn, name
         self.mac_cost = check_float("mac_cost", mac_cost, 0.0, hint="subtracted per million multiply-adds")
+        self.checked = fn not in _FINITE  # the built-in rewards are finite for finite probabilities: no check
         try:
             signature = inspect.signature(fn)
         except (TypeError, ValueError):  # a builtin without a signature: taken as it is
@@ -127,8 +132,9 @@ class Reward:
             raise ValueError(f"Reward {self.name!r} returned shape {tuple(r.shape)}; it must return shape ({b},), "
                              "one value per env.")
         r = r.to(torch.float32)
-        check_finite(r, f"Reward {self.name!r} returned NaN or inf; make it return finite values (clamp "
-                        "probabilities before taking logs).")
+        if self.checked:
+            check_finite(r, f"Reward {self.name!r} returned NaN or inf; make it return finite values (clamp "
+                            "probabilities before taking logs).")
         if self.mac_cost:
             r = r - self.mac_cost * macs.to(torch.float32) / 1e6
         return r

@@ -15,18 +15,23 @@ import numpy as np
 import torch
 from gymnasium.vector import VectorEnv, VectorWrapper
 from gymnasium.vector.vector_env import AutoresetMode
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from gfenv.env import GRID_MODES, GlanceFocusVectorEnv
+from gfenv.wrappers import EpisodeStatistics
 
-INFO_KEYS = ("prediction", "confidence", "correct", "macs", "step")
+INFO_KEYS = ("prediction", "confidence", "correct", "macs", "glimpses")
 EPISODE_KEYS = ("correct", "macs")
+"""What ``VecMonitor`` keeps of each episode beside its return, length and time (``info["episode"]``); with
+``EpisodeStatistics`` in the chain also ``first_correct`` and ``correct_t1``..``correct_tT``."""
 PER_SLOT_METHODS = ("action_masks", "cell_confidences")
 SINGLE_SPACES = {"observation_space": "single_observation_space", "action_space": "single_action_space"}
 
 
-def to_sb3(env: VectorEnv | None = None, *, monitor: bool = True, **make_kwargs: Any) -> VecEnv:
+def to_sb3(env: VectorEnv | None = None, *, monitor: bool = True, monitor_file: str | None = None,
+           **make_kwargs: Any) -> VecEnv:
     """An SB3 ``VecEnv`` over ``env``, or over ``GlanceFocusVectorEnv(autoreset_mode=SAME_STEP, **make_kwargs)``.
 
     ``env`` is a ``GlanceFocusVectorEnv`` or a gymnasium ``VectorWrapper`` chain around one (``env.unwrapped``):
@@ -39,26 +44,61 @@ def to_sb3(env: VectorEnv | None = None, *, monitor: bool = True, **make_kwargs:
     autoreset_mode=AutoresetMode.SAME_STEP)``, or ``Stage3Wrapper(env, autoreset_mode=SAME_STEP)`` over an env built
     with autoreset disabled. Another mode is refused with what to build instead.
 
-    With ``monitor=True`` (default) the adapter comes wrapped in ``VecMonitor``, so each finished episode's info
-    has ``info["episode"]`` = {"r", "l", "t", "correct", "macs"}, as ``evaluate_policy`` and SB3's logger expect;
+    An env that ``to_sb3`` builds comes inside ``gfenv.wrappers.EpisodeStatistics``. With ``monitor=True``
+    (default) the adapter comes wrapped in ``VecMonitor`` (writing ``monitor_file``, ``<name>.monitor.csv``, when
+    given), so each finished episode's info has ``info["episode"]`` = {"r", "l", "t", "correct", "macs"} and, with
+    ``EpisodeStatistics`` in the chain, ``first_correct`` and ``correct_t1``..``correct_tT`` (right after glimpse
+    k), as ``evaluate_policy`` and SB3's logger expect; ``EpisodeStatisticsCallback`` logs their means.
     ``has_attr``/``env_method`` (and so MaskablePPO's masks) pass through it.
     """
     if env is None:
         mode = make_kwargs.pop("autoreset_mode", AutoresetMode.SAME_STEP)
         if AutoresetMode(mode) != AutoresetMode.SAME_STEP:
             raise ValueError(f"autoreset_mode={mode!r}: the SB3 adapter needs AutoresetMode.SAME_STEP.")
-        env = GlanceFocusVectorEnv(autoreset_mode=AutoresetMode.SAME_STEP, **make_kwargs)
+        env = EpisodeStatistics(GlanceFocusVectorEnv(autoreset_mode=AutoresetMode.SAME_STEP, **make_kwargs))
     elif make_kwargs:
         raise TypeError(f"to_sb3() got an env and construction kwargs {sorted(make_kwargs)}; pass one or the other.")
     venv = SB3VecEnv(env)
-    return VecMonitor(venv, info_keywords=EPISODE_KEYS) if monitor else venv
+    return VecMonitor(venv, filename=monitor_file, info_keywords=venv.episode_keys) if monitor else venv
+
+
+def log_episode_statistics(model: Any) -> None:
+    """Record the means of the episodes in ``model.ep_info_buffer`` (SB3's last 100) that SB3 itself does not:
+    ``rollout/ep_correct_mean`` (accuracy at the end), ``rollout/ep_accuracy_t<k>`` (after glimpse k),
+    ``rollout/ep_first_correct_mean`` (over the episodes ever right) and ``rollout/ep_macs_mean``."""
+    episodes = list(model.ep_info_buffer or [])
+    if not episodes:
+        return
+    for key, name in (("correct", "ep_correct_mean"), ("macs", "ep_macs_mean")):
+        values = [float(e[key]) for e in episodes if key in e]
+        if values:
+            model.logger.record(f"rollout/{name}", float(np.mean(values)))
+    steps = sorted(int(k[len("correct_t"):]) for k in episodes[-1] if k.startswith("correct_t"))
+    for k in steps:
+        model.logger.record(f"rollout/ep_accuracy_t{k}",
+                            float(np.mean([float(e[f"correct_t{k}"]) for e in episodes if f"correct_t{k}" in e])))
+    first = [int(e["first_correct"]) for e in episodes if int(e.get("first_correct", 0)) > 0]
+    if first:
+        model.logger.record("rollout/ep_first_correct_mean", float(np.mean(first)))
+
+
+class EpisodeStatisticsCallback(BaseCallback):
+    """Logs ``log_episode_statistics`` after each rollout, through SB3's logger (so to TensorBoard with
+    ``tensorboard_log``); for an env from ``to_sb3`` (rl-baselines3-zoo: ``callback:
+    gfenv.sb3.EpisodeStatisticsCallback``, which ``--gym-packages gfenv`` adds for gfenv ids)."""
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        log_episode_statistics(self.model)
 
 
 class SB3VecEnv(VecEnv):
     """``GlanceFocusVectorEnv`` (bare or wrapped) seen through SB3's ``VecEnv`` API (use ``to_sb3`` to build one).
 
     Observations, rewards and dones are numpy; ``infos[i]`` holds the slot's ``prediction``, ``confidence``,
-    ``correct``, ``macs`` and ``step`` (at an episode's end those of the finished episode, with
+    ``correct``, ``macs`` and ``glimpses`` (at an episode's end those of the finished episode, with
     ``terminal_observation`` and ``TimeLimit.truncated``). ``env`` is what gets stepped (the outermost wrapper),
     ``base`` the ``GlanceFocusVectorEnv`` underneath. All slots share one env object: ``get_attr`` returns the
     attribute of the outermost layer that has it once per slot (``observation_space``/``action_space`` give the
@@ -83,6 +123,10 @@ class SB3VecEnv(VecEnv):
                              "Stage3Wrapper(env, autoreset_mode=SAME_STEP)).")
         self.env = env
         self.base = base
+        self._statistics = any(isinstance(layer, EpisodeStatistics) for layer in self._layers())
+        self.episode_keys = EPISODE_KEYS + (
+            ("first_correct", *(f"correct_t{k}" for k in range(1, base.steps + 1))) if self._statistics else ())
+        """The per-slot info keys of a finished episode that ``VecMonitor`` should keep (``info_keywords``)."""
         self._actions: Any = None
         self._needs_reset = True
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
@@ -115,9 +159,16 @@ class SB3VecEnv(VecEnv):
                 raise RuntimeError("An episode ended without final_obs: the env left AutoresetMode.SAME_STEP.")
             final_obs = _to_numpy(info["final_obs"])
             final_infos = _split_info(info["final_info"], self.num_envs)
+            episode = info.get("episode") if self._statistics else None
+            if episode is not None:
+                first = _to_numpy(episode["first_correct"])
+                correct_at = _to_numpy(episode["correct_at"])
             for i in np.flatnonzero(dones):
                 infos[i] = {**final_infos[i], "terminal_observation": _row(final_obs, i),
                             "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+                if episode is not None:
+                    infos[i]["first_correct"] = int(first[i])
+                    infos[i].update({f"correct_t{k + 1}": bool(c) for k, c in enumerate(correct_at[i])})
         return _to_numpy(obs), _to_numpy(reward).astype(np.float32), dones, infos
 
     def close(self) -> None:

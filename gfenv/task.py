@@ -69,21 +69,48 @@ class Task:
 
 
 TASKS: dict[str, Task] = {}
+SPLIT_IDS: dict[str, tuple[str, str]] = {}
+"""The split ids ``register_task`` adds beside each task's id: ``<namespace>/<name>-train-v<n>`` (or ``-test-``) ->
+(the task's id, the split)."""
+SPLIT_ID_SPLITS = ("train", "test")
+
+
+def split_id(env_id: str, split: str) -> str:
+    """``gfenv/GlanceFocus-v0`` -> ``gfenv/GlanceFocus-train-v0`` (Gymnasium's ``[namespace/]name[-v<n>]``: the split
+    goes at the end of the name)."""
+    namespace, name, version = gymnasium.envs.registration.parse_env_id(env_id)
+    return gymnasium.envs.registration.get_env_id(namespace, f"{name}-{split}", version)
 
 
 def register_task(task: Task) -> Task:
-    """Add ``task`` to ``TASKS`` and register its id with gymnasium (single and batched entry points); an id taken
-    by another task is refused."""
+    """Add ``task`` to ``TASKS`` and register its id with gymnasium (single and batched entry points,
+    ``max_episode_steps`` = T - 1), with an id per split beside it (``split_id``: ``...-train-v0``, ``...-test-v0``,
+    the same task with ``split`` fixed); an id taken by another task is refused."""
     if task.env_id in TASKS and TASKS[task.env_id] != task:
         raise ValueError(f"A task with id {task.env_id!r} is already registered.")
     canonical = canonical_words(task.words)
     if canonical != task.words:
         raise ValueError(f"Task {task.env_id}: give its words flat, as {canonical}.")
     TASKS[task.env_id] = task
-    if task.env_id not in gymnasium.registry:
-        gymnasium.register(task.env_id, entry_point="gfenv.env:GlanceFocusEnv",
-                           vector_entry_point="gfenv.env:GlanceFocusVectorEnv", kwargs=copy.deepcopy(task.words))
+    ids = {task.env_id: {}, **{split_id(task.env_id, s): {"split": s} for s in SPLIT_ID_SPLITS}}
+    for env_id, extra in ids.items():
+        if env_id not in gymnasium.registry:
+            gymnasium.register(env_id, entry_point="gfenv.env:GlanceFocusEnv",
+                               vector_entry_point="gfenv.env:GlanceFocusVectorEnv",
+                               kwargs={**copy.deepcopy(task.words), **extra}, max_episode_steps=task.steps - 1)
+        if extra:
+            SPLIT_IDS[env_id] = (task.env_id, extra["split"])
     return task
+
+
+def registered_words(env_id: str) -> dict[str, Any]:
+    """The words a registered gfenv id names (``gymnasium.spec(env_id).kwargs``, flat) for the project's commands,
+    which choose the split themselves: a per-split id (``...-test-v0``) is refused, naming the task's own id."""
+    if env_id in SPLIT_IDS:
+        base, split = SPLIT_IDS[env_id]
+        raise ValueError(f"{env_id} is {base} with split={split!r} fixed, for Gymnasium clients; the gfenv commands "
+                         f"choose the split themselves: use {base}.")
+    return canonical_words(gymnasium.spec(env_id).kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- resolution

@@ -34,13 +34,13 @@ def test_make_vec_is_batched_env_and_256_slots_step():
     for _ in range(env.steps - 1):
         obs, r, term, trunc, info = env.step(torch.zeros(256, 2))
     assert r.shape == (256,) and term.all() and not trunc.any()
-    assert (info["step"] == env.steps).all()
+    assert (info["glimpses"] == env.steps).all()
 
 
 def test_episode_length_infos_and_next_step_autoreset():
     env = make(3)
     obs, info = env.reset(seed=0)
-    assert info["step"].tolist() == [1, 1, 1] and torch.all(info["macs"] == env.glance_macs)
+    assert info["glimpses"].tolist() == [1, 1, 1] and torch.all(info["macs"] == env.glance_macs)
     for k in range(env.steps - 1):
         obs, r, term, trunc, info = env.step(torch.zeros(3, 2))
         assert term.all() == (k == env.steps - 2)
@@ -50,7 +50,7 @@ def test_episode_length_infos_and_next_step_autoreset():
     assert torch.all(info["macs"] == expected)
     first_labels = env.labels.clone()
     obs, r, term, trunc, info = env.step(torch.zeros(3, 2))  # NEXT_STEP: this step resets, ignores the action
-    assert torch.all(r == 0) and not term.any() and info["step"].tolist() == [1, 1, 1]
+    assert torch.all(r == 0) and not term.any() and info["glimpses"].tolist() == [1, 1, 1]
     assert obs["step"][:, 0].tolist() == pytest.approx([1 / env.steps] * 3)
     assert not torch.equal(first_labels, env.labels) or True
 
@@ -80,7 +80,7 @@ def test_grid_stop_ends_episode_early_and_resets_next_step():
     assert term.tolist() == [True, False] and r[0] == 0
     assert info["macs"][0] == env.glance_macs and info["macs"][1] == env.glance_macs + env.focus_macs
     obs, r, term, trunc, info = env.step(torch.tensor([5, 5]))
-    assert info["step"].tolist() == [1, 3] and r[0] == 0
+    assert info["glimpses"].tolist() == [1, 3] and r[0] == 0
 
 
 def test_early_stops_leave_the_batches_the_source_returned_untouched():
@@ -335,3 +335,76 @@ def test_stepping_inside_inference_mode_then_outside_gives_the_same_episodes():
     got = run(GlanceFocusVectorEnv(num_envs=4, action="grid", seed=0), inference_first=True)
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
+
+
+def test_disabled_autoreset_resets_the_masked_slots_only():
+    env = make(4, action="grid+stop", autoreset_mode="Disabled")
+    env.reset(seed=0)
+    obs, r, term, _, info = env.step(torch.tensor([49, 49, 3, 4]))  # two slots stop
+    assert term.tolist() == [True, True, False, False]
+    images = env.images.clone()
+    obs, info = env.reset(options={"reset_mask": term})
+    assert info["glimpses"].tolist() == [1, 1, 2, 2] and obs["visited"][2:].sum() == 2
+    assert torch.equal(env.images[2:], images[2:]) and not torch.equal(env.images[:2], images[:2])
+    lockstep = make(2, action="grid", autoreset_mode="Disabled")
+    lockstep.reset(seed=0)
+    lockstep.step(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="lockstep"):
+        lockstep.reset(options={"reset_mask": np.array([True, False])})
+
+
+def test_grid_actions_as_one_hot_rows_and_the_action_mask_info():
+    rewards = []
+    for as_one_hot in (False, True):
+        env = make(3, action="grid+stop", seed=0)
+        obs, info = env.reset(seed=0)
+        assert info["action_mask"].shape == (3, 50) and info["action_mask"].all()
+        cells = torch.tensor([5, 49, 17])
+        a = torch.nn.functional.one_hot(cells, 50) if as_one_hot else cells
+        obs, r, term, _, info = env.step(a)
+        rewards.append(r)
+        assert torch.equal(info["action_mask"], torch.as_tensor(env.action_masks()))
+        assert not info["action_mask"][0, 5] and not info["action_mask"][2, 17] and info["action_mask"][:, 49].all()
+    assert torch.equal(*rewards)
+    with pytest.raises(ValueError, match="one-hot"):
+        env.step(torch.ones(3, 50, dtype=torch.long))
+
+
+def test_the_single_env_runs_on_one_thread_and_restores_torchs_setting():
+    env = gym.make("gfenv/GlanceFocus-v0", action="grid")
+    seen = []
+    step = env.unwrapped.vec.step
+    env.unwrapped.vec.step = lambda a: seen.append(torch.get_num_threads()) or step(a)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        env.reset(seed=0)
+        env.step(3)
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert isinstance(env.step(4)[4]["action_mask"], np.ndarray)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_single_env_draws_its_images_ahead_without_changing_its_episodes():
+    env = gym.make("gfenv/GlanceFocus-v0", action="grid")
+    vec = env.unwrapped.vec
+    gen = torch.Generator().manual_seed(11)
+    expected = [int(torch.randint(len(vec.source), (1,), generator=gen)) for _ in range(40)]  # one draw per reset
+    got = []
+    env.reset(seed=11)
+    for _ in range(40):
+        got.append(int(vec.index[0]))
+        assert torch.equal(vec.images, vec.source.get(vec.index)[0])
+        env.reset()
+    assert got == expected
+
+
+def test_max_episode_steps_is_registered_and_steps_still_choose_the_length():
+    assert gym.spec("gfenv/GlanceFocus-v0").max_episode_steps == 4
+    assert make(2, steps=8).steps == 8  # make_vec passes the registered max_episode_steps=4: steps wins
+    single = gym.make("gfenv/GlanceFocus-v0", steps=3)
+    single.reset(seed=0)
+    assert [single.step(np.zeros(2, np.float32))[2] for _ in range(2)] == [False, True]
+    with pytest.raises(ValueError, match="max_episode_steps=6 disagrees"):
+        make(2, max_episode_steps=6)

@@ -33,7 +33,7 @@ def _random_actions(venv: VecEnv, rng: np.random.Generator) -> np.ndarray:
 def test_to_sb3_builds_a_monitored_vecenv():
     venv = to_sb3(num_envs=3, seed=0)
     assert isinstance(venv, VecMonitor) and isinstance(venv.venv, SB3VecEnv)
-    assert venv.num_envs == 3 and venv.venv.env.autoreset_mode == AutoresetMode.SAME_STEP
+    assert venv.num_envs == 3 and venv.venv.base.autoreset_mode == AutoresetMode.SAME_STEP
     assert isinstance(to_sb3(num_envs=2, monitor=False), SB3VecEnv)
     assert venv.get_attr("observation_space") == [venv.observation_space] * 3
     assert venv.get_attr("render_mode") == [None] * 3 and venv.env_is_wrapped(gym.Wrapper) == [False] * 3
@@ -134,7 +134,7 @@ def test_early_stop_resets_only_the_finished_slot():
     obs, _, dones, infos = venv.step(np.array([stop, 0, 1]))
     assert dones.tolist() == [True, False, False]
     assert "terminal_observation" in infos[0] and "terminal_observation" not in infos[1]
-    assert infos[0]["episode"]["l"] == 1 and infos[0]["step"] == 1
+    assert infos[0]["episode"]["l"] == 1 and infos[0]["glimpses"] == 1
     assert obs["visited"][0].sum() == 0 and obs["visited"][1].sum() == 1
     assert np.stack(venv.env_method("action_masks"))[0].all()
 

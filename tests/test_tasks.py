@@ -186,3 +186,27 @@ def test_imagenet_task_takes_an_official_checkpoint_of_its_architecture_only(tmp
     assert isinstance(env.source, NormalizedSource) and env.source.image_shape == (3, 224, 224)
     assert obs.shape == (2, 2048 * 3 * 3) and env.model.config.backbone == "resnet50"
     env.step(torch.zeros(2, 2))
+
+
+def test_each_task_has_a_train_and_a_test_id_that_the_gfenv_commands_refuse():
+    for env_id, task in TASKS.items():
+        for split in ("train", "test"):
+            spec = gymnasium.spec(gfenv.task.split_id(env_id, split))
+            assert spec.kwargs == {**task.words, "split": split} and spec.max_episode_steps == task.steps - 1
+    assert gfenv.task.split_id("gfenv/GlanceFocus-v0", "test") == "gfenv/GlanceFocus-test-v0"
+    env = gymnasium.make_vec("gfenv/GlanceFocus-test-v0", num_envs=2)
+    assert env.source.split == "test"
+    with pytest.raises(ValueError, match="use gfenv/GlanceFocus-v0"):
+        gfenv.task.registered_words("gfenv/GlanceFocus-test-v0")
+
+
+def test_import_gfenv_leaves_the_heavy_modules_unimported():
+    import subprocess
+    import sys
+
+    heavy = ("torchvision", "torch._dynamo", "torch.utils.flop_counter", "stable_baselines3", "tensorboard",
+             "matplotlib", "rl_zoo3", "torchrl")
+    code = (f"import sys, gfenv; print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(gfenv.__file__).parent.parent)
+    assert out.stdout.strip() == "[]"

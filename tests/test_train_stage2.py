@@ -123,7 +123,8 @@ def test_default_run_dirs_count_up(tmp_path, monkeypatch):
     for _ in range(2):
         assert train_agent.main(["--stage", "2", "--timesteps", "32", "--num-envs", "4", *QUIET, "--hyperparams",
                                  *PPO_TINY]) == 0
-    assert sorted(p.name for p in (tmp_path / "runs" / "ppo").iterdir()) == ["GlanceFocus-v0_1", "GlanceFocus-v0_2"]
+    runs = sorted(p.name for p in (tmp_path / "runs" / "ppo").iterdir())
+    assert runs == ["gfenv-GlanceFocus-v0_1", "gfenv-GlanceFocus-v0_2"]  # rl-baselines3-zoo's naming
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -12,17 +12,21 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 - ``batched_stored`` (a diagnostic beside the issue's measures): ``batched`` with the same images stored in memory
   (``TensorSource``, uint8) instead of drawn procedurally at each reset, to tell the env's own cost from the default
   task's image synthesis; its ratio ``floor_over_batched_stored``;
-- ratios ``batched_over_per_env``, ``floor_over_batched`` (step time / floor time) and ``cached_over_batched``.
+- ``single``: one ``gymnasium.make`` env (what clients that vectorise through ``gym.make`` step each slot with);
+- ratios ``batched_over_per_env``, ``floor_over_batched`` (step time / floor time) and ``cached_over_batched``;
+- ``imports``: ``import gfenv`` against ``import torch``, fresh interpreters in turn (``--imports`` rounds), the
+  median of the rounds' ratios ``gfenv_over_torch``.
 
 Timing: ``--cycles`` cycles; in each, every measure runs once to warm up, then the fast measures take turns run by
-run for ``--repeats`` rounds, in reverse order every other round (``per_env`` and ``sb3_ppo``: the first cycle only,
-a block of half the runs); a figure is the median over cycles of its median run, and a ratio the median over all
-rounds of the ratio of the two runs of that round, so that it compares runs taken moments apart on a machine whose
-speed drifts. The thread count is printed. Like the project's scripts, the command keeps freed heap memory for reuse
-(``gfenv.utils.keep_freed_memory``), and every measure runs the frozen encoders the way the env does
-(``gfenv.models.encode``: BatchNorm folded, channels_last on a CPU). ``--memory`` (CUDA) adds the peak GPU memory
-of a stage-1 training step of GFNet's ImageNet setting (ResNet-50, P = 96, T = 5, effective batch 256) under
-several memory settings.
+run for ``--repeats`` rounds, in reverse order every other round; then the slow ones (``per_env``, ``sb3_ppo``)
+run max(2, repeats // 5) times, each ``per_env`` run next to a ``batched`` run (before it, then after it, in turn).
+A figure is the median over cycles of its median run, and a ratio the median, over every cycle, of the ratios of
+runs taken side by side (the two runs of a round; a ``per_env`` run and its ``batched`` neighbour), so that it
+compares runs taken moments apart on a machine whose speed drifts. The thread count is printed. Like the project's
+scripts, the command keeps freed heap memory for reuse (``gfenv.utils.keep_freed_memory``), and every measure runs
+the frozen encoders the way the env does (``gfenv.models.encode``: BatchNorm folded, channels_last on a CPU).
+``--memory`` (CUDA) adds the peak GPU memory of a stage-1 training step of GFNet's ImageNet setting (ResNet-50,
+P = 96, T = 5, effective batch 256) under several memory settings.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,8 +47,11 @@ from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
 from gfenv.glimpse import crop, glance
 from gfenv.models import encode
 
-KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo", "batched_stored")
-SLOW = ("per_env", "sb3_ppo")  # timed in the first cycle only, as one block
+KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo", "batched_stored", "single", "imports")
+SLOW = ("per_env", "sb3_ppo")
+"""Measures of seconds per run: timed after the fast rounds of every cycle, each run beside a run of its partner."""
+PARTNERS = {"per_env": "batched"}
+"""A slow measure's partner: a run of it is taken next to each of the slow measure's runs, for their ratio."""
 
 
 def _sync(device: torch.device) -> None:
@@ -169,28 +177,81 @@ def _time_run(w: Workload, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def slow_runs(repeats: int) -> int:
+    """Runs of each slow measure per cycle: max(2, repeats // 5)."""
+    return max(2, repeats // 5)
+
+
 def time_rounds(workloads: dict[str, Workload], repeats: int, cycles: int, device: torch.device,
-                slow: tuple[str, ...] = SLOW) -> list[dict[str, list[float]]]:
+                slow: tuple[str, ...] = SLOW, partners: dict[str, str] = PARTNERS) -> list[dict[str, list[float]]]:
     """Per cycle, the seconds of each timed run of each workload. Within a cycle every workload runs once to warm
     up, then the fast ones take turns run by run (``repeats`` rounds of one run each, in reverse order every other
     round), so that each ratio compares runs taken moments apart on a machine whose speed drifts by tens of percent
-    within seconds. The ``slow`` ones run in the first cycle only, as a block of max(2, repeats // 2) runs after the
-    rounds."""
+    within seconds. Then each ``slow`` one runs ``slow_runs(repeats)`` times, each run next to a run of its partner
+    (``partners``; before it, then after it, in turn), recorded as ``"<partner>@<slow>"``: its ratio pairs those."""
     out = []
-    for c in range(cycles):
-        names = [n for n in workloads if n not in slow or c == 0]
-        for name in names:
+    for _ in range(cycles):
+        for name in workloads:
             workloads[name].run()
             _sync(device)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        fast = [n for n in names if n not in slow]
+        times: dict[str, list[float]] = {n: [] for n in workloads}
+        fast = [n for n in workloads if n not in slow]
         for r in range(repeats):
             for name in fast if r % 2 == 0 else fast[::-1]:  # no measure always runs after the same one
                 times[name].append(_time_run(workloads[name], device))
-        for name in names:
-            if name in slow:
-                times[name] = [_time_run(workloads[name], device) for _ in range(max(2, repeats // 2))]
+        for name in (n for n in workloads if n in slow):
+            partner = partners.get(name) if partners.get(name) in workloads else None
+            for k in range(slow_runs(repeats)):
+                order = [name] if partner is None else [name, partner] if k % 2 == 0 else [partner, name]
+                for which in order:
+                    key = name if which == name else f"{partner}@{name}"
+                    times.setdefault(key, []).append(_time_run(workloads[which], device))
         out.append(times)
+    return out
+
+
+def single_env_workload(template: GlanceFocusVectorEnv, episodes: int) -> Workload:
+    """One ``gymnasium.make`` env of the default task (grid actions) for ``episodes`` episodes: what a client that
+    vectorises through ``gym.make`` (rl-baselines3-zoo's DummyVecEnv, Gymnasium's SyncVectorEnv) steps each slot
+    with."""
+    import gymnasium as gym
+
+    env = gym.make("gfenv/GlanceFocus-v0", action="grid", seed=0, device=template.device, model=template.model,
+                   source=template.source)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    steps = episodes * (template.steps - 1)
+    actions = rng.integers(template.grid ** 2, size=steps)
+
+    def run():
+        for k, a in enumerate(actions):
+            if k % (template.steps - 1) == 0:
+                env.reset()
+            env.step(int(a))
+
+    return Workload(run, steps)
+
+
+def time_imports(rounds: int, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Seconds of a fresh interpreter that runs ``import torch``, and of one that runs ``import gfenv``, in turn
+    (``rounds`` of each, the order reversed every other round); the ratio is the median of the rounds' ratios."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    times: dict[str, list[float]] = {"torch": [], "gfenv": []}
+    for r in range(rounds):
+        for module in (("torch", "gfenv") if r % 2 == 0 else ("gfenv", "torch")):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=root,
+                           env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")})
+            times[module].append(time.perf_counter() - t0)
+    ratios = [g / t for g, t in zip(times["gfenv"], times["torch"])]
+    out = {"seconds": times, "torch_s": statistics.median(times["torch"]), "gfenv_s": statistics.median(times["gfenv"]),
+           "gfenv_over_torch": statistics.median(ratios), "ratios": ratios}
+    log(f"  imports  torch {out['torch_s']:.2f} s, gfenv {out['gfenv_s']:.2f} s, gfenv / torch "
+        f"{out['gfenv_over_torch']:.2f} ({rounds} rounds)")
     return out
 
 
@@ -246,7 +307,8 @@ def bench_memory(device: torch.device, batch_size: int = 256, image_size: int = 
 
 def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: int = 1, threads: int | None = None,
         cycles: int = 3, cache_images: int = 1024, skip: tuple[str, ...] = (), memory: bool = False,
-        profile: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
+        profile: bool = False, log: Callable[[str], Any] = print, import_rounds: int = 5,
+        single_episodes: int = 32) -> dict[str, Any]:
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -258,6 +320,8 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
         report["gpu"] = torch.cuda.get_device_name(dev)
     log(f"gfenv.bench on {dev} ({report.get('gpu', report['machine'])}), {report['threads']} torch threads, "
         f"N = {num_envs}, {cycles} cycles of blocks of {repeats} timed runs")
+    if "imports" not in skip and import_rounds > 0:
+        report["imports"] = time_imports(import_rounds, log)
     env_kwargs = {"num_envs": num_envs, "action": "grid", "seed": 0, "device": dev,
                   "autoreset_mode": AutoresetMode.SAME_STEP}
     env = GlanceFocusVectorEnv(**env_kwargs)
@@ -271,17 +335,18 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
         "sb3_ppo": lambda: sb3_ppo_workload(num_envs, device, 1),
         "batched_stored": lambda: vector_env_workload(GlanceFocusVectorEnv(
             **env_kwargs, model=env.model, source=stored_source(env, images)), episodes),
+        "single": lambda: single_env_workload(env, single_episodes),
     }
-    workloads = {key: makers[key]() for key in KEYS if key not in skip}
+    workloads = {key: makers[key]() for key in makers if key not in skip}
     per_cycle = time_rounds(workloads, repeats, cycles, dev)
     details = report["details"] = {"seconds_per_run": per_cycle}
     for key, w in workloads.items():
-        rates = [w.steps / statistics.median(cycle[key]) for cycle in per_cycle if key in cycle]
+        rates = [w.steps / statistics.median(cycle[key]) for cycle in per_cycle]
         report[key] = statistics.median(rates)
         details[key] = {"steps_per_s": rates, "steps_per_repeat": w.steps}
         log(f"  {key:<8} {report[key]:>12,.0f} steps/s")
-    # each ratio: the median of the ratios of runs taken side by side (the same round of the same cycle); against a
-    # slow measure (one block in the first cycle), the ratio of that cycle's medians
+    # each ratio: the median of the ratios of runs taken side by side, in the same round of the same cycle (a slow
+    # measure's runs with the runs of its partner taken next to them), over every cycle
     ratios = {"batched_over_per_env": ("batched", "per_env"), "floor_over_batched": ("floor", "batched"),
               "cached_over_batched": ("cached", "batched"), "floor_over_batched_stored": ("floor", "batched_stored")}
     for name, (x, y) in ratios.items():
@@ -289,12 +354,8 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
             sx, sy = workloads[x].steps, workloads[y].steps
             paired = []
             for cycle in per_cycle:
-                if x not in cycle or y not in cycle:
-                    continue
-                if len(cycle[x]) == len(cycle[y]) == repeats and y not in SLOW:
-                    paired += [(sx / tx) / (sy / ty) for tx, ty in zip(cycle[x], cycle[y], strict=True)]
-                else:
-                    paired.append((sx / statistics.median(cycle[x])) / (sy / statistics.median(cycle[y])))
+                xs = cycle[f"{x}@{y}"] if y in SLOW else cycle[x]
+                paired += [(sx / tx) / (sy / ty) for tx, ty in zip(xs, cycle[y], strict=True)]
             report[name] = statistics.median(paired)
             details[name] = paired
     if memory:
@@ -308,8 +369,13 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'measure':<26}{'value':>10}  unit"]
     for key in KEYS:
-        if key in report:
+        if key in report and key != "imports":
             lines.append(f"{key:<26}{report[key]:>10,.0f}  env steps/s")
+    if "imports" in report:
+        imp = report["imports"]
+        lines.append(f"{'import torch':<26}{imp['torch_s']:>10.2f}  s")
+        lines.append(f"{'import gfenv':<26}{imp['gfenv_s']:>10.2f}  s")
+        lines.append(f"{'import_gfenv_over_torch':<26}{imp['gfenv_over_torch']:>10.2f}  (target <= 1.3)")
     targets = {"batched_over_per_env": "target >= 30", "floor_over_batched": "target <= 1.25",
                "cached_over_batched": "target >= 20", "floor_over_batched_stored": "stored images; diagnostic"}
     for key, target in targets.items():

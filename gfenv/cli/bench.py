@@ -27,11 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=argument("int", low=1), default=1,
                    help="episodes per timed run of batched and floor")
     p.add_argument("--cycles", type=argument("int", low=1), default=3,
-                   help="rounds of all measures (per_env, sb3_ppo: the first only)")
+                   help="rounds of all measures (per_env and sb3_ppo in every cycle, beside a batched run)")
     p.add_argument("--threads", type=argument("int", low=1), default=None,
                    help="torch intra-op threads (default: torch's)")
     p.add_argument("--cache-images", type=argument("int", low=1), default=1024,
                    help="images in the cached mode's feature cache")
+    p.add_argument("--imports", type=argument("int", low=0), default=5,
+                   help="rounds of import timings (gfenv against torch; 0: none)")
+    p.add_argument("--single-episodes", type=argument("int", low=1), default=32,
+                   help="episodes per timed run of the single env")
     p.add_argument("--skip", default="", help=f"comma-separated measures to leave out ({', '.join(KEYS)})")
     p.add_argument("--memory", action="store_true", help="CUDA: peak memory of GFNet's ImageNet stage-1 settings")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the batched steps")
@@ -59,7 +63,8 @@ def _bench(args: argparse.Namespace, skip: tuple[str, ...]) -> int:
     if args.json:
         check_output(args.json, "--json")
     report = run(args.device, args.num_envs, args.repeats, args.episodes, args.threads, args.cycles, args.cache_images,
-                 skip, args.memory, args.profile, log=lambda s: print(s, file=sys.stderr, flush=True))
+                 skip, args.memory, args.profile, log=lambda s: print(s, file=sys.stderr, flush=True),
+                 import_rounds=args.imports, single_episodes=args.single_episodes)
     print(format_report(report))
     if args.json:
         path = Path(args.json)

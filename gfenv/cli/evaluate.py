@@ -38,7 +38,7 @@ from gfenv.eval.evaluation import DEFAULT_ACTION, benchmark, format_table, oracl
 from gfenv.eval.leaderboard import LEGEND, format_budgeted, leaderboard_rows, markdown_leaderboard, markdown_report
 from gfenv.eval.suite import check_suite_tasks, embedded_tasks, suite_markdown, suite_scores, suite_text
 from gfenv.rollout import FIXED_ENV_KWARGS, agent_env_kwargs, check_action_mode
-from gfenv.task import canonical_words, task_words
+from gfenv.task import SPLIT_IDS, canonical_words, registered_words, task_words
 from gfenv.train.runs import load_agent, read_config, run_folder
 from gfenv.utils import argument, check_device, check_output, import_modules, keep_freed_memory, parse_kv
 
@@ -51,7 +51,8 @@ REFERENCES = ("random", "oracle")
 
 
 def gfenv_ids() -> list[str]:
-    return sorted(env_id for env_id in gymnasium.registry if env_id.startswith("gfenv/"))
+    """The registered gfenv ids, without the per-split ids (``...-train-v0``, ``...-test-v0``) of each task."""
+    return sorted(env_id for env_id in gymnasium.registry if env_id.startswith("gfenv/") and env_id not in SPLIT_IDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +180,7 @@ def shared_task(args: argparse.Namespace, specs: dict[str, str | None], seed: in
     env_id = env_id or ENV_ID
     if env_id not in gymnasium.registry:
         raise ValueError(f"Unknown env id {env_id!r}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
-    return env_id, {**canonical_words(gymnasium.spec(env_id).kwargs), **words,
+    return env_id, {**registered_words(env_id), **words,
                     **canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))}
 
 
@@ -308,8 +309,7 @@ def run_suite(args: argparse.Namespace, specs: dict[str, str | None], seeds: lis
     specs = {**{r: None for r in REFERENCES if r not in specs}, **specs}
     rows, reports, skipped = [], {}, []
     for env_id in envs:
-        env_kwargs = {**canonical_words(gymnasium.spec(env_id).kwargs),
-                      **canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))}
+        env_kwargs = {**registered_words(env_id), **canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))}
         try:
             GlanceFocusVectorEnv(num_envs=1, split=args.split, **env_kwargs).close()
         except (FileNotFoundError, ValueError, OSError) as err:

@@ -21,8 +21,8 @@ the validation split (carved from train); the test split is left to evaluate_age
 
 Stage 3 (fine-tuning on a policy's glimpses): the classifier and the focus encoder, as the main job does, on the
 patches an agent picks with its actions sampled (GFNet's frozen mode), e.g.
-    python train_agent.py --stage 3 --run-dir runs/maskable_ppo/GlanceFocus-v0_1     # writes <run>/stage3/model.pt
-    python train_agent.py --stage 3 --agent center                                    # a fixed agent: runs/center/...
+    python train_agent.py --stage 3 --run-dir runs/maskable_ppo/gfenv-GlanceFocus-v0_1   # writes <run>/stage3/model.pt
+    python train_agent.py --stage 3 --agent center     # a fixed agent: runs/center/...
 --hyperparams take Stage3Config fields (train_focus=false for the classifier alone, episodes=N, ...).
 
 Static reference: the same encoder family on the whole image at full resolution (the accuracy GFNet must match), e.g.
@@ -42,7 +42,7 @@ import gymnasium
 
 from gfenv import ENV_ID
 from gfenv.cli import add_common_flags, run_command
-from gfenv.task import canonical_words, recorded_task, resolve_task, task_words
+from gfenv.task import canonical_words, recorded_task, registered_words, resolve_task, task_words
 from gfenv.utils import argument, check_device, check_int, import_modules, keep_freed_memory, parse_kv
 
 TRUST_HELP = ("--resume and --stage 3 --run-dir: load an SB3 zip with SB3's own loader, which unpickles it and so RUNS "
@@ -63,7 +63,7 @@ def task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if env_id not in gymnasium.registry:
         known = sorted(e for e in gymnasium.registry if e.startswith("gfenv/"))
         raise ValueError(f"--env {env_id}: no such env id. Registered gfenv ids: {', '.join(known)}.")
-    return env_id, {**canonical_words(gymnasium.spec(env_id).kwargs), **user}
+    return env_id, {**registered_words(env_id), **user}
 
 
 def stage1_config(args: argparse.Namespace):

@@ -132,7 +132,7 @@ def _measure(env: GlanceFocusVectorEnv, info: dict[str, torch.Tensor], policy_ma
     """(5, N): correct, cumulative MACs, max probability, true-class probability and glimpses of each slot."""
     true_prob = env.probs.gather(1, env.labels[:, None]).squeeze(1)
     return torch.stack([info["correct"].double(), info["macs"].double() + policy_macs, info["confidence"].double(),
-                        true_prob.double(), info["step"].double()])
+                        true_prob.double(), info["glimpses"].double()])
 
 
 @torch.no_grad()

@@ -38,24 +38,36 @@ LOCK = ".lock"
 MODEL_STEMS = ("best_model", "model", "last")
 """The agent files of a run, in the order an evaluation prefers them."""
 STAGE3 = Path("stage3") / "model.pt"
+ZOO_AGENTS = {"ppo": "ppo", "a2c": "a2c", "sac": "sac", "trpo": "trpo", "qrdqn": "qrdqn", "ars": "ars",
+              "ppo_lstm": "recurrent_ppo"}
+"""rl-baselines3-zoo's algorithm names -> gfenv's agent names."""
 
 
 def env_name(env_id: str) -> str:
-    """``gfenv/GlanceFocus-v0`` -> ``GlanceFocus-v0``."""
-    return env_id.rsplit("/", 1)[-1]
+    """``gfenv/GlanceFocus-v0`` -> ``gfenv-GlanceFocus-v0``: rl-baselines3-zoo's name of the env (its run folders'
+    and final model's), so that the zoo's ``enjoy`` finds a gfenv run and gfenv's commands a zoo run."""
+    return env_id.replace("/", "-")
+
+
+def _run_number(path: Path, env_id: str) -> int | None:
+    """n of a run folder ``<env-name>_<n>`` (or the older ``<name without namespace>_<n>``) of ``env_id``."""
+    for prefix in (f"{env_name(env_id)}_", f"{env_id.rsplit('/', 1)[-1]}_"):
+        if path.name.startswith(prefix) and path.name[len(prefix):].isdigit():
+            return int(path.name[len(prefix):])
+    return None
 
 
 def run_dirs(agent: str, env_id: str, root: str | os.PathLike = "runs") -> list[Path]:
-    """Existing ``<root>/<agent>/<env-name>_<n>`` folders, by n."""
-    base, prefix = Path(root) / agent, f"{env_name(env_id)}_"
-    found = [p for p in base.glob(f"{prefix}*") if p.is_dir() and p.name[len(prefix):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(prefix):]))
+    """Existing ``<root>/<agent>/<env-name>_<n>`` folders (and those of the older naming), by n."""
+    base = Path(root) / agent
+    found = [p for p in base.glob("*_*") if p.is_dir() and _run_number(p, env_id) is not None]
+    return sorted(found, key=lambda p: _run_number(p, env_id))
 
 
 def next_run_dir(agent: str, env_id: str, root: str | os.PathLike = "runs") -> Path:
     """``<root>/<agent>/<env-name>_<n>`` with n the next free integer (from 1)."""
     existing = run_dirs(agent, env_id, root)
-    n = int(existing[-1].name.rsplit("_", 1)[-1]) + 1 if existing else 1
+    n = _run_number(existing[-1], env_id) + 1 if existing else 1
     return Path(root) / agent / f"{env_name(env_id)}_{n}"
 
 
@@ -94,12 +106,113 @@ def run_folder(path: str | os.PathLike) -> Path:
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run's ``config.yml``; FileNotFoundError naming the folder when there is none."""
+    """The run's ``config.yml`` (an rl-baselines3-zoo run folder's settings in the same words: ``zoo_config``);
+    FileNotFoundError naming the folder when there is neither."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
+        if zoo_settings_dir(run_dir) is not None:
+            return zoo_config(run_dir)
         raise FileNotFoundError(f"No {CONFIG} in {Path(run_dir)}: point at a run folder written by train_agent.py "
-                                f"--stage 2 (or the main job), a file in one, or its stage3/model.pt.")
+                                f"--stage 2 (or the main job) or by rl-baselines3-zoo, a file in one, or its "
+                                f"stage3/model.pt.")
     return yaml.safe_load(path.read_text()) or {}
+
+
+# -------------------------------------------------------------------------------------- rl-baselines3-zoo runs
+def zoo_settings_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The settings folder of an rl-baselines3-zoo run folder (``logs/<algo>/<env-name>_<n>/<env-name>/`` with its
+    ``config.yml`` and ``args.yml``), or None for another folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = [d for d in sorted(run_dir.iterdir())
+             if d.is_dir() and (d / "config.yml").is_file() and (d / "args.yml").is_file()]
+    return found[0] if found else None
+
+
+class _ZooLoader(yaml.SafeLoader):
+    """Reads the zoo's ``config.yml``/``args.yml`` (``yaml.dump`` of OrderedDicts) without running arbitrary tags."""
+
+
+def _ordered_dict(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, Any]:
+    pairs = loader.construct_sequence(node.value[0], deep=True) if node.value else []
+    return {k: v for k, v in pairs}
+
+
+_ZooLoader.add_constructor("tag:yaml.org,2002:python/object/apply:collections.OrderedDict", _ordered_dict)
+_ZooLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                           lambda loader, node: tuple(loader.construct_sequence(node)))
+
+
+def zoo_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """An rl-baselines3-zoo run's settings in gfenv's ``config.yml`` words: ``agent`` (the gfenv name of its
+    algorithm), ``env`` (a per-split id becomes its task's id), ``env_kwargs`` (the hyperparameter file's, then the
+    command line's, as the zoo's ``enjoy`` takes them; the env's own defaults for the action and observation),
+    ``timesteps``, ``seed``, ``hyperparams`` and ``format: rl-baselines3-zoo``."""
+    from gfenv.task import SPLIT_IDS
+
+    settings = zoo_settings_dir(run_dir)
+    if settings is None:
+        raise FileNotFoundError(f"{run_dir} is not an rl-baselines3-zoo run folder (no <env>/config.yml and args.yml).")
+    hyperparams = yaml.load((settings / "config.yml").read_text(), Loader=_ZooLoader) or {}
+    args = yaml.load((settings / "args.yml").read_text(), Loader=_ZooLoader) or {}
+    algo = args.get("algo")
+    if algo not in ZOO_AGENTS:
+        raise ValueError(f"{run_dir}: the zoo's {algo!r} has no gfenv agent; gfenv reads zoo runs of "
+                         f"{', '.join(sorted(ZOO_AGENTS))}.")
+    if hyperparams.get("normalize") or (settings / "vecnormalize.pkl").is_file():
+        raise ValueError(f"{run_dir} was trained with VecNormalize, whose statistics gfenv's evaluation does not "
+                         "apply; train without normalize (gfenv's hyperparameter files do).")
+    env_kwargs = dict(hyperparams.get("env_kwargs") or {})
+    if args.get("env_kwargs") is not None:
+        env_kwargs = dict(args["env_kwargs"])
+    env_id = args.get("env")
+    if env_id in SPLIT_IDS:
+        env_id = SPLIT_IDS[env_id][0]
+        env_kwargs.pop("split", None)
+    env_kwargs.setdefault("action", "continuous")  # the env's defaults, which the zoo's envs were built with
+    env_kwargs.setdefault("observation", "dict")
+    timesteps = args.get("n_timesteps") if (args.get("n_timesteps") or 0) > 0 else hyperparams.get("n_timesteps")
+    return {"agent": ZOO_AGENTS[algo], "env": env_id, "env_kwargs": env_kwargs, "timesteps": timesteps,
+            "seed": args.get("seed"), "hyperparams": {k: v for k, v in hyperparams.items() if k != "env_kwargs"},
+            "format": "rl-baselines3-zoo", "zoo_algo": algo}
+
+
+def write_zoo_files(run_dir: str | os.PathLike, config: dict[str, Any], model: str | os.PathLike) -> Path | None:
+    """Make a finished stage-2 run readable by rl-baselines3-zoo's ``enjoy`` (``-f runs --exp-id <n>``): its settings
+    in the zoo's layout, ``<run>/<env-name>/config.yml`` (hyperparameters with ``env_kwargs``) and ``args.yml``, and
+    the final model as ``<run>/<env-name>.zip`` (a hard link to ``model``, a copy where links fail). Only for the
+    agents the zoo has (``ZOO_AGENTS``); returns the settings folder, or None."""
+    zoo_algos = {agent: algo for algo, agent in ZOO_AGENTS.items()}
+    if config.get("agent") not in zoo_algos or Path(model).suffix != ".zip":
+        return None
+    run_dir, name = Path(run_dir), env_name(config["env"])
+    settings = run_dir / name
+    settings.mkdir(exist_ok=True)
+    hyperparams = {**_plain(config.get("hyperparams") or {}), "env_kwargs": _plain(config["env_kwargs"]),
+                   "n_envs": config.get("num_envs"), "n_timesteps": config.get("timesteps")}
+    (settings / "config.yml").write_text(yaml.safe_dump(hyperparams, sort_keys=True))
+    args = {"algo": zoo_algos[config["agent"]], "env": config["env"], "env_kwargs": _plain(config["env_kwargs"]),
+            "seed": config.get("seed"), "n_timesteps": config.get("timesteps"), "written_by": "gfenv stage 2"}
+    (settings / "args.yml").write_text(yaml.safe_dump(args, sort_keys=False))
+    target = run_dir / f"{name}.zip"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(model, target)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(model, target)
+    return settings
+
+
+def zoo_model_file(run_dir: str | os.PathLike) -> Path:
+    """The model an evaluation loads from a zoo run: ``best_model.zip``, else the final ``<env-name>.zip``."""
+    run_dir, settings = Path(run_dir), zoo_settings_dir(run_dir)
+    for path in (run_dir / "best_model.zip", run_dir / f"{settings.name}.zip"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"No best_model.zip or {settings.name}.zip in {run_dir}.")
 
 
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:
@@ -234,7 +347,9 @@ def _holder(path: Path) -> str:
 
 
 def load_agent(path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> LearnedAgent:
-    """Load a trained agent from a run folder (its ``best_model``, else ``model``, else ``last``) or a file in one.
+    """Load a trained agent from a run folder (its ``best_model``, else ``model``, else ``last``) or a file in one;
+    an rl-baselines3-zoo run folder (``logs/<algo>/<env-name>_<n>``: its ``best_model.zip``, else the final model)
+    loads as the gfenv agent of its algorithm (``zoo_config``).
 
     The run folder's ``config.yml`` (written by ``train_agent.py --stage 2``) names the agent. A stage-3 checkpoint
     of a run, ``<run>/stage3/model.pt`` (written by ``train_agent.py --stage 3 --run-dir <run>``), loads the run's
@@ -255,6 +370,11 @@ def load_agent(path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> L
         return agent
     run_dir = path if path.is_dir() else path.parent
     config = read_config(run_dir)
+    if config.get("format") == "rl-baselines3-zoo":
+        from agents.sb3_agents import load_sb3_model
+
+        return load_sb3_model(zoo_model_file(run_dir) if path.is_dir() else path, config["agent"],
+                              config["env_kwargs"], device=device)
     if path.is_dir():
         path = agent_file(run_dir)
     from agents.learned import LearnedAgent, learned_agent_class  # the agents import SB3: only when loading one

@@ -24,8 +24,8 @@ from gfenv import ENV_ID
 from gfenv.cache import cover_episodes
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.eval.evaluation import run_episodes
-from gfenv.task import canonical_words, resolve_task, task_words
-from gfenv.train.runs import CONFIG, claim_run_dir, read_config, write_config
+from gfenv.task import canonical_words, registered_words, resolve_task, task_words
+from gfenv.train.runs import CONFIG, claim_run_dir, read_config, write_config, write_zoo_files
 from gfenv.utils import check_device, check_fields, check_int
 
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
@@ -189,7 +189,7 @@ def resolve_config(cfg: PolicyTrainingConfig) -> dict[str, Any]:
     if cfg.env_id not in gymnasium.registry:
         raise ValueError(f"Unknown env id {cfg.env_id!r}.")
     hyperparams = load_hyperparams(agent, cfg.env_id, cfg.hyperparams)
-    env_kwargs = {**canonical_words(gymnasium.spec(cfg.env_id).kwargs), **hyperparams.pop("env_kwargs", {}),
+    env_kwargs = {**registered_words(cfg.env_id), **hyperparams.pop("env_kwargs", {}),
                   **canonical_words(cfg.env_kwargs)}
     yml_envs, yml_steps = hyperparams.pop("n_envs", DEFAULT_NUM_ENVS), hyperparams.pop("n_timesteps", DEFAULT_TIMESTEPS)
     num_envs = check_int("num_envs", cfg.num_envs, 1) if cfg.num_envs is not None else check_int(
@@ -255,6 +255,7 @@ def _train_policy(cfg: PolicyTrainingConfig, run_dir: Path, resume: bool) -> Lea
         raise
     agent.save(run_dir / f"last{suffix}")
     agent.save(run_dir / f"model{suffix}")
+    write_zoo_files(run_dir, config, run_dir / f"model{suffix}")  # rl-baselines3-zoo's enjoy reads the run too
     if cfg.eval_freq >= 0 and evaluator.last_eval < agent.num_timesteps:
         evaluator.evaluate(agent, agent.num_timesteps)
     if evaluator.history():
