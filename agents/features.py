@@ -10,6 +10,8 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 VECTOR_KEYS = ("focus", "memory", "visited", "step")
+OPEN_LOOP_KEYS = ("visited", "step")
+"""What an open-loop policy reads besides the glance: its own earlier cells and the step, never a patch's content."""
 MAX_POOLED_SIDE = 8
 
 
@@ -19,13 +21,19 @@ class GlanceFocusExtractor(BaseFeaturesExtractor):
     ``glance`` (flattened (D, h, w) map) -> 1x1 conv to ``conv_channels`` -> 3x3 conv -> average-pooled to at most
     8 x 8 -> flattened; ``focus``, ``memory``, ``visited``, ``step`` concatenated -> linear -> ``vector_dim``; both
     concatenated -> linear -> ``features_dim``, ReLU after each layer. ``glance_map_shape`` is the env's
-    ``glance_map_shape`` (the SB3 builders pass it).
+    ``glance_map_shape`` (the SB3 builders pass it). ``vector_keys`` picks the vectors read (default all):
+    ``OPEN_LOOP_KEYS`` makes an open-loop policy, whose cells depend on the glance and its own earlier choices only.
     """
 
     def __init__(self, observation_space: spaces.Dict, glance_map_shape: tuple[int, int, int],
-                 features_dim: int = 256, conv_channels: int = 64, vector_dim: int = 128):
+                 features_dim: int = 256, conv_channels: int = 64, vector_dim: int = 128,
+                 vector_keys: tuple[str, ...] | list[str] = VECTOR_KEYS):
         super().__init__(observation_space, features_dim)
-        missing = [k for k in ("glance", *VECTOR_KEYS) if k not in observation_space.spaces]
+        self.vector_keys = tuple(vector_keys)
+        unknown = sorted(set(self.vector_keys) - set(VECTOR_KEYS))
+        if unknown or not self.vector_keys:
+            raise ValueError(f"vector_keys={list(self.vector_keys)}: choose a non-empty subset of {list(VECTOR_KEYS)}.")
+        missing = [k for k in ("glance", *self.vector_keys) if k not in observation_space.spaces]
         if missing:
             raise ValueError(f"GlanceFocusExtractor needs the env's Dict observation (observation='dict'); the "
                              f"observation space lacks {missing}.")
@@ -39,12 +47,12 @@ class GlanceFocusExtractor(BaseFeaturesExtractor):
             nn.Conv2d(d, conv_channels, 1), nn.ReLU(),
             nn.Conv2d(conv_channels, conv_channels // 2, 3, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(pooled), nn.Flatten())
-        vector_size = sum(observation_space[k].shape[0] for k in VECTOR_KEYS)
+        vector_size = sum(observation_space[k].shape[0] for k in self.vector_keys)
         self.vector_net = nn.Sequential(nn.Linear(vector_size, vector_dim), nn.ReLU())
         glance_size = conv_channels // 2 * pooled[0] * pooled[1]
         self.head = nn.Sequential(nn.Linear(glance_size + vector_dim, features_dim), nn.ReLU())
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
         glance_map = observations["glance"].reshape(-1, *self.glance_map_shape)  # (B, D, h, w)
-        vectors = torch.cat([observations[k] for k in VECTOR_KEYS], dim=1)  # (B, D + S + G*G + 1)
+        vectors = torch.cat([observations[k] for k in self.vector_keys], dim=1)  # (B, D + S + G*G + 1) by default
         return self.head(torch.cat([self.glance_net(glance_map), self.vector_net(vectors)], dim=1))

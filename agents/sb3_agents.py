@@ -30,7 +30,7 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from agents.features import GlanceFocusExtractor
+from agents.features import OPEN_LOOP_KEYS, GlanceFocusExtractor
 from agents.learned import LearnedAgent, TrainingCallback, register_learned_agent
 from gfenv.checkpoint import CheckpointError, atomic_write, load_weights
 from gfenv.env import ACTION_MODES, GRID_MODES, GlanceFocusVectorEnv
@@ -87,6 +87,9 @@ class SB3Spec:
     """Pass ``env.action_masks()`` to ``predict`` (MaskablePPO)."""
     recurrent: bool = False
     """Keep LSTM states across ``act`` calls (RecurrentPPO)."""
+    vector_keys: tuple[str, ...] | None = None
+    """The Dict observation's vectors the default extractor reads (None: all); without ``focus`` and ``memory`` the
+    policy never sees what a patch showed: an open-loop agent."""
 
     @property
     def default_observation(self) -> str:
@@ -101,6 +104,9 @@ SB3_SPECS: dict[str, SB3Spec] = {
                              recurrent=True),
     "trpo": SB3Spec(TRPO, ACTION_MODES, "grid", "MultiInputPolicy"),
     "maskable_ppo": SB3Spec(MaskablePPO, GRID_MODES, "grid", "MultiInputPolicy", masks=True),
+    # open loop: every cell chosen from the glance and its own earlier cells, never from what a patch showed
+    "open_loop": SB3Spec(MaskablePPO, GRID_MODES, "grid", "MultiInputPolicy", masks=True,
+                         vector_keys=OPEN_LOOP_KEYS),
     "qrdqn": SB3Spec(QRDQN, GRID_MODES, "grid", "MultiInputPolicy"),
     "ars": SB3Spec(SlotCountingARS, ACTION_MODES, "continuous", None),  # no Dict-observation policy in sb3-contrib
 }
@@ -286,8 +292,11 @@ def sb3_kwargs(name: str, hyperparams: Mapping[str, Any], env: GlanceFocusVector
             user[key] = parse_policy_kwargs(f"dict(x={user[key]})")["x"]
     policy_kwargs = {}
     if dict_obs and "features_extractor_class" not in user:
+        extractor = {"glance_map_shape": tuple(env.glance_map_shape)}
+        if spec.vector_keys is not None:
+            extractor["vector_keys"] = spec.vector_keys
         policy_kwargs = {"features_extractor_class": GlanceFocusExtractor,
-                         "features_extractor_kwargs": {"glance_map_shape": tuple(env.glance_map_shape)}}
+                         "features_extractor_kwargs": {**extractor, **user.pop("features_extractor_kwargs", {})}}
     policy_kwargs.update(user)
     if policy_kwargs:
         kwargs["policy_kwargs"] = policy_kwargs

@@ -194,3 +194,16 @@ def test_shipped_hyperparameter_files_are_valid(name):
     assert policy in SB3_SPECS[name].algo.policy_aliases
     assert 0.5 <= kwargs.get("gamma", 0.99) <= 0.99
     assert np.isfinite(kwargs["learning_rate"](1.0) if callable(kwargs["learning_rate"]) else kwargs["learning_rate"])
+
+
+def test_open_loop_agent_never_reads_what_a_patch_showed():
+    agent = make_agent("open_loop", env_kwargs={}, num_envs=4, seed=0, hyperparams={"n_steps": 8, "batch_size": 32})
+    assert agent.model.policy.features_extractor.vector_keys == ("visited", "step")
+    env = GlanceFocusVectorEnv(num_envs=4, seed=0, split="test", **agent.env_kwargs)
+    obs, _ = env.reset(seed=0)
+    agent.reset(env)
+    first = agent.act(obs, env)
+    scrambled = {**obs, "focus": torch.randn_like(obs["focus"]), "memory": torch.randn_like(obs["memory"])}
+    assert torch.equal(agent.act(scrambled, env), first)  # the same cells whatever the patches held
+    closed = make_agent("maskable_ppo", env_kwargs={}, num_envs=4, seed=0, hyperparams={"n_steps": 8})
+    assert closed.model.policy.features_extractor.vector_keys == ("focus", "memory", "visited", "step")
