@@ -52,11 +52,23 @@ class CachePlan:
         return sum(int(np.prod(s)) * (8 if k == "labels" else 4) for k, s in self.shapes().items())
 
 
+CACHE_WORDS = ("cache", "cache_dir", "cache_images")
+"""The env words of the feature cache: how features are computed, not what the task is."""
+
+
+def without_cache(env_kwargs: dict) -> dict:
+    """``env_kwargs`` with live encoders (no ``CACHE_WORDS``)."""
+    return {k: v for k, v in env_kwargs.items() if k not in CACHE_WORDS}
+
+
 def cover_episodes(env_kwargs: dict, episodes: int) -> dict:
     """``env_kwargs`` for a sequential evaluation of the first ``episodes`` images: a feature cache (if any) holds
-    exactly those, whatever the training env cached (its split may be larger than the one evaluated)."""
+    exactly those, whatever the training env cached (its split may be larger than the one evaluated). The cache
+    holds grid cells, so an agent with continuous actions runs on live encoders (the same features)."""
     if env_kwargs.get("cache") is None:
         return env_kwargs
+    if env_kwargs.get("action", "continuous") == "continuous":
+        return without_cache(env_kwargs)
     return {**env_kwargs, "cache_images": int(episodes)}
 
 

@@ -40,7 +40,7 @@ def validation_carve(count: int, split: str, val_size: int | None = None) -> tor
     keep = torch.ones(count, dtype=torch.bool)
     keep[held] = False
     return keep.nonzero().squeeze(1)
-BUILTIN_DATASET_MODULES = ("gfenv.datasets",)
+BUILTIN_DATASET_MODULES = ("gfenv.datasets", "gfenv.procedural")
 """Modules whose import registers more datasets; loaded the first time a source is made by name."""
 
 

@@ -177,10 +177,9 @@ class TaskSpec:
 
     def stage1_command(self) -> str:
         """The ``train_agent.py`` command that trains this task's stage-1 checkpoint, complete as printed."""
-        words = {**{"dataset": self.dataset}, **self.dataset_words, **STAGE1_DEFAULTS, **self.model_words,
-                 "data_root": self.data_root or "<DATA_ROOT>"}
-        if self.dataset == DEFAULT_DATASET and self.data_root is None:
-            words.pop("data_root")
+        words = {**{"dataset": self.dataset}, **self.dataset_words, **STAGE1_DEFAULTS, **self.model_words}
+        if self.data_root is not None or "data_root" in inspect.signature(DATASETS[self.dataset]).parameters:
+            words["data_root"] = self.data_root or "<DATA_ROOT>"  # a dataset that reads a local folder
         options = TASKS[self.env_id].stage1_options if self.env_id in TASKS else ""
         args = " ".join(shlex.quote(f"{k}={v}") for k, v in words.items())
         return (f"python train_agent.py --stage 1 --env-kwargs {args}{' ' + options if options else ''} "
@@ -224,7 +223,7 @@ def identify(dataset: str, dataset_words: Mapping[str, Any]) -> str | None:
         words = dict(task.words)
         if words.pop("dataset", DEFAULT_DATASET) != dataset:
             continue
-        mine = {k: v for k, v in words.items() if k not in (*MODEL_WORDS, "data_root", "checkpoint")}
+        mine = {k: v for k, v in words.items() if k not in (*MODEL_WORDS, *ENV_SETTINGS, "data_root", "checkpoint")}
         if {k: v for k, v in dataset_words.items() if k not in SIZE_WORDS} == mine:
             return task.env_id
     return None
@@ -293,6 +292,16 @@ BUILTIN_TASKS = (
          "cluttered glyphs, 128 x 128: a glyph's 1-2 px texture names the class, its silhouette (visible at the "
          "glance) tells where to look; one well-placed patch suffices (the quick task)",
          checkpoint="glyphs_small_cnn.pt"),
+    Task("gfenv/GlyphPointer-v0",
+         {"dataset": "pointer", "patch_size": 32, "steps": 4, "backbone": "small_cnn", "action": "grid", "grid": 5},
+         "one pointer hop, 160 x 160 in 5 x 5 tiles (a grid cell is a tile): a key's texture names the quadrant of "
+         "the target among four look-alikes, the target's texture its value; 12 classes, T = 4 (look twice, in order)",
+         checkpoint="pointer_small_cnn.pt", stage1_options="--epochs 0.75"),
+    Task("gfenv/GlyphChain-v0",
+         {"dataset": "chain", "patch_size": 32, "steps": 8, "backbone": "small_cnn", "action": "grid", "grid": 7},
+         "two pointer hops, 224 x 224 in 7 x 7 tiles: key -> node -> node, each read naming where the next lies; "
+         "32 classes, T = 8 (the long-horizon task)",
+         checkpoint="chain_small_cnn.pt", stage1_options="--epochs 3"),
     Task("gfenv/ClutteredMNIST60-v0",
          {"dataset": "cluttered_mnist", "canvas": 60, "fragments": 4, "fragment_size": 8, "backbone": "small_cnn",
           "patch_size": 24, "steps": 5},

@@ -189,31 +189,35 @@ def test_stage_3_cli_fine_tunes_on_the_glimpses_of_a_fixed_agent(tmp_path, capsy
 def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
     import json
 
-    assert train_agent.main(["--timesteps", "64", "--run-dir", str(tmp_path), "--no-progress", "--hyperparams",
-                             "episodes=16", "stage3_episodes=16"]) == 0
+    # the main job's task and agent (MaskablePPO on the pointer task), on a small feature cache
+    assert train_agent.main(["--timesteps", "64", "--run-dir", str(tmp_path), "--no-progress", "--env-kwargs",
+                             "cache_images=64", "--hyperparams", "episodes=16", "stage3_episodes=16"]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert set(report["agents"]) == {"ppo (stage 2)", "ppo (stage 3)", "random", "center", "oracle"}
+    names = {"maskable_ppo (stage 2)", "maskable_ppo (stage 3)", "random", "center", "oracle"}
+    assert set(report["agents"]) == names
     for res in report["agents"].values():
-        assert len(res["accuracy"]) == len(res["macs"]) == len(res["score"]) == 5
+        assert len(res["accuracy"]) == len(res["macs"]) == len(res["score"]) == 4
+        assert res["action"] == "grid" and res["env_kwargs"]["grid"] == 5  # the baselines too: the task's cells
     assert report["agents"]["oracle"]["score"][-1] == 100.0 and report["agents"]["random"]["score"][-1] == 0.0
     assert (tmp_path / "results.md").exists() and (tmp_path / "stage3" / "model.pt").exists()
-    assert report["config"]["timesteps"] == 64
+    assert report["config"]["timesteps"] == 64 and report["config"]["env_id"] == "gfenv/GlyphPointer-v0"
     # the main job's run folder is a stage-2 run: its stage-3 model evaluates in the documented LABEL=<run>/... form
     out = tmp_path / "eval.json"
-    assert evaluate_agent.main(["--agents", f"random,ppo={tmp_path}/stage3/model.pt", "--episodes", "16",
+    assert evaluate_agent.main(["--agents", f"random,mppo={tmp_path}/stage3/model.pt", "--episodes", "16",
                                 "--num-envs", "16", "--threshold-episodes", "0", "--no-progress",
                                 "--json", str(out)]) == 0
-    stage3 = json.loads(out.read_text())["agents"]["ppo"]
-    assert stage3["accuracy"] == pytest.approx(report["agents"]["ppo (stage 3)"]["accuracy"][:5])
+    stage3 = json.loads(out.read_text())["agents"]["mppo"]
+    assert stage3["accuracy"] == pytest.approx(report["agents"]["maskable_ppo (stage 3)"]["accuracy"])
 
 
-def test_main_job_trains_ppo_for_the_budget_of_its_hyperparameter_file():
+def test_main_job_trains_for_the_budget_of_its_hyperparameter_file():
     from gfenv.train.pipeline import PipelineConfig
 
-    resolved = resolve_config(PolicyTrainingConfig(agent="ppo", timesteps=PipelineConfig().timesteps))
-    ppo_yml = HYPERPARAMS_DIR / "ppo.yml"
-    expected = yaml.safe_load(ppo_yml.read_text())["gfenv/GlanceFocus-v0"]["n_timesteps"]
-    assert resolved["timesteps"] == expected == 100_000
+    cfg = PipelineConfig()
+    resolved = resolve_config(PolicyTrainingConfig(agent=cfg.agent, env_id=cfg.env_id, timesteps=cfg.timesteps))
+    yml = yaml.safe_load((HYPERPARAMS_DIR / "maskable_ppo.yml").read_text())
+    assert resolved["timesteps"] == yml["gfenv/GlyphPointer-v0"]["n_timesteps"] == 300_000
+    assert resolved["env_kwargs"]["cache"] == "memory"
 
 
 def test_evaluate_agent_loads_a_trained_run_by_label(tmp_path):

@@ -1,6 +1,7 @@
 """Train GFNet's stages on a gfenv task (``python train_agent.py`` or ``gfenv-train``).
 
-The main job (no --stage): stage 2 (PPO), stage 3 and the evaluation against the baselines on the default task,
+The main job (no --stage): stage 2 (MaskablePPO), stage 3 and the evaluation against the baselines on
+gfenv/GlyphPointer-v0 (one pointer hop: read the key, then look where it points), with its shipped stage-1 encoders,
     python train_agent.py                                  # writes runs/main/<env>_<n>/
 
 A task is named the same way in every stage: --env ID (a registered task: its words are the defaults) and
@@ -51,15 +52,16 @@ TRUST_HELP = ("--resume and --stage 3 --run-dir: load an SB3 zip with SB3's own 
               "plain-text settings, and nothing is unpickled")
 
 
-def task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def task_of(args: argparse.Namespace, default: str = ENV_ID) -> tuple[str, dict[str, Any]]:
     """The env id and env words of the command line: ``--env``'s registered words, then ``--env-kwargs``. Without
-    ``--env``, a checkpoint that records the env id it was trained for names it (else the default task)."""
+    ``--env``, a checkpoint that records the env id it was trained for names it; else words that name a dataset
+    are read over the default task's (no words), and no words at all name ``default``."""
     user = canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))
     env_id = args.env
     if env_id is None and user.get("checkpoint") not in (None, "default"):
         recorded = recorded_task(user["checkpoint"])[0]
         env_id = recorded if recorded in gymnasium.registry else None
-    env_id = env_id or ENV_ID
+    env_id = env_id or (ENV_ID if "dataset" in user or "checkpoint" in user else default)
     if env_id not in gymnasium.registry:
         known = sorted(e for e in gymnasium.registry if e.startswith("gfenv/"))
         raise ValueError(f"--env {env_id}: no such env id. Registered gfenv ids: {', '.join(known)}.")
@@ -108,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyperparams", nargs="*", action="extend", default=[], metavar="K=V",
                    help="stage 1: Stage1Config fields; stage 2: the agent's (over its yml); stage 3: Stage3Config "
                         "fields and episodes=N; static: StaticConfig fields; main job: PipelineConfig fields")
-    p.add_argument("--agent", default=None, help="stage 2 and the main job: learned agent to train (default ppo); "
-                                                 "stage 3 without --run-dir: a fixed agent (random, center, raster, "
-                                                 "oracle)")
+    p.add_argument("--agent", default=None,
+                   help="stage 2 and the main job: learned agent to train (default: ppo in stage 2, maskable_ppo in "
+                        "the main job); stage 3 without --run-dir: a fixed agent (random, center, raster, oracle)")
     p.add_argument("--timesteps", type=argument("int", low=1), default=None,
                    help="stage 2 and the main job: total timesteps, at least 1 (default: the yml's)")
     p.add_argument("--num-envs", type=argument("int", low=1), default=None,
@@ -172,12 +174,13 @@ def stage2(args: argparse.Namespace) -> int:
 
 
 def main_job(args: argparse.Namespace) -> int:
-    """``--stage all`` (the default): stage 2 with ``--agent`` (ppo), stage 3, evaluation against the baselines."""
-    from gfenv.train.pipeline import PipelineConfig, run_pipeline
+    """``--stage all`` (the default): stage 2 with ``--agent`` (maskable_ppo), stage 3, evaluation against the
+    baselines, on ``--env`` (gfenv/GlyphPointer-v0)."""
+    from gfenv.train.pipeline import MAIN_AGENT, MAIN_ENV, PipelineConfig, run_pipeline
     from gfenv.train.runs import next_run_dir
 
-    env_id, _ = task_of(args)
-    cfg = PipelineConfig(agent=args.agent or "ppo", env_id=env_id,
+    env_id, _ = task_of(args, default=MAIN_ENV)
+    cfg = PipelineConfig(agent=args.agent or MAIN_AGENT, env_id=env_id,
                          env_kwargs=parse_kv(args.env_kwargs, "--env-kwargs"), seed=args.seed, device=args.device,
                          progress=not args.no_progress)
     if args.timesteps is not None:

@@ -21,6 +21,7 @@ from gymnasium.vector import VectorWrapper
 from gymnasium.vector.vector_env import AutoresetMode
 from torch import nn
 
+from gfenv.cache import without_cache
 from gfenv.checkpoint import save_model
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.rollout import FIXED_ENV_KWARGS, AgentLike, play_batch, sampling_act
@@ -356,6 +357,9 @@ def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episode
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
     kwargs = {**(env_kwargs or {}), **getattr(agent, "env_kwargs", {})}
+    # a policy trained on cached features fine-tunes on live images: the cache holds the features of the weights
+    # being fine-tuned and no images to crop
+    kwargs = without_cache(kwargs)
     fixed = sorted(set(FIXED_ENV_KWARGS) & set(kwargs))
     if fixed:
         raise ValueError(f"finetune sets {', '.join(fixed)} itself (train split, autoreset disabled); drop them.")
