@@ -317,6 +317,12 @@ BUILTIN_TASKS = (
           "patch_size": 24, "steps": 5},
          "RAM's cluttered-canvas protocol on Fashion-MNIST: a garment on a 60 x 60 canvas with 4 fragments of 8 x 8",
          FASHION_MNIST_DATA),
+    Task("gfenv/FashionMNIST100-v0",
+         {"dataset": "fashion_mnist", "canvas": 100, "fragments": 8, "fragment_size": 8, "backbone": "small_cnn",
+          "patch_size": 24, "steps": 5},
+         "Fashion-MNIST on a 100 x 100 canvas with 8 fragments: a 24 x 24 patch placed at random rarely shows the "
+         "garment, so where to look matters",
+         FASHION_MNIST_DATA),
     Task("gfenv/CIFAR10Canvas128-v0",
          {"dataset": "cifar10", "image_size": 64, "canvas": 128, "fragments": 4, "fragment_size": 16,
           "backbone": "small_cnn", "patch_size": 32, "steps": 5},

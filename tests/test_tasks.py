@@ -31,6 +31,8 @@ DOCUMENTED = {
                                    "backbone": "small_cnn", "patch_size": 24, "steps": 7},
     "gfenv/FashionMNIST60-v0": {"dataset": "fashion_mnist", "canvas": 60, "fragments": 4, "fragment_size": 8,
                                 "backbone": "small_cnn", "patch_size": 24, "steps": 5},
+    "gfenv/FashionMNIST100-v0": {"dataset": "fashion_mnist", "canvas": 100, "fragments": 8, "fragment_size": 8,
+                                 "backbone": "small_cnn", "patch_size": 24, "steps": 5},
     "gfenv/CIFAR10Canvas128-v0": {"dataset": "cifar10", "image_size": 64, "canvas": 128, "fragments": 4,
                                   "fragment_size": 16, "backbone": "small_cnn", "patch_size": 32, "steps": 5},
     "gfenv/ImageNetResNet50P96-v0": {"dataset": "imagefolder", "image_size": 224, "crop_fraction": 0.875,
@@ -210,3 +212,15 @@ def test_import_gfenv_leaves_the_heavy_modules_unimported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(gfenv.__file__).parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_registered_task_has_a_block_in_every_agents_hyperparameter_file():
+    import yaml
+
+    from agents.learned import learned_agent_names
+    from gfenv.train.stage2 import HYPERPARAMS_DIR
+
+    for agent in learned_agent_names():
+        blocks = yaml.safe_load((HYPERPARAMS_DIR / f"{agent}.yml").read_text())
+        missing = sorted(set(TASKS) - set(blocks))
+        assert not missing, (agent, missing)
