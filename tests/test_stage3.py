@@ -6,6 +6,7 @@ Small batches on the shipped default task (a 64-image train split where a fixed 
 from __future__ import annotations
 
 import copy
+import math
 
 import gymnasium as gym
 import pytest
@@ -262,3 +263,60 @@ def test_memory_options_give_the_same_update():
     lean = one_update(accum_steps=4, grad_checkpointing=True, channels_last=True)
     torch.testing.assert_close(lean, plain, atol=1e-5, rtol=1e-4)
     assert not torch.equal(plain, _weights(GlanceFocusVectorEnv(num_envs=1, **SMALL).model))  # it did learn
+
+
+def _record_step_lrs(wrapper: Stage3Wrapper) -> list[list[float]]:
+    """The learning rates of every group at each gradient step the wrapper takes (filled as it trains)."""
+    seen, step = [], wrapper.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append([g["lr"] for g in wrapper.optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    wrapper.optimizer.step = record
+    return seen
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_is_applied_at_every_gradient_step(schedule):
+    """lr_schedule='cosine': step k of the run at base * (1 + cos(pi * episodes done / schedule_episodes)) / 2, so
+    the first step takes the full rates and the run ends with the rates at 0; 'constant' keeps them throughout."""
+    env = GlanceFocusVectorEnv(num_envs=16, sampling="sequential", seed=0, **SMALL)
+    cfg = Stage3Config(update_every=16, batch_size=8, train_focus=True, classifier_lr=0.02, encoder_lr=0.004,
+                       lr_schedule=schedule, schedule_episodes=64)
+    wrapper = Stage3Wrapper(env, cfg)
+    seen = _record_step_lrs(wrapper)
+    agent = make_agent("random", seed=0)
+    obs, _ = wrapper.reset(seed=0)
+    agent.reset(wrapper)
+    for _ in range(4):  # 4 updates of 16 episodes, 2 gradient steps each: episodes done 0, 8, 16, ..., 56
+        obs = _run_batch(wrapper, agent, obs)
+        obs, *_ = wrapper.step(agent.act(obs, wrapper))  # NEXT_STEP: the reset step
+    assert wrapper.updates == 4 and len(seen) == 8
+    factors = [0.5 * (1 + math.cos(math.pi * k * 8 / 64)) for k in range(8)] if schedule == "cosine" else [1.0] * 8
+    assert [lr[0] for lr in seen] == pytest.approx([0.02 * f for f in factors])
+    assert [lr[1] for lr in seen] == pytest.approx([0.004 * f for f in factors])
+    after = [g["lr"] for g in wrapper.optimizer.param_groups]
+    assert after == (pytest.approx([0.0, 0.0], abs=1e-12) if schedule == "cosine" else [0.02, 0.004])
+    if schedule == "cosine":  # past the schedule the rates stay at 0: the weights no longer move
+        frozen = _weights(wrapper.trainable_model)
+        _run_batch(wrapper, agent, obs)
+        assert seen[-1] == [0.0, 0.0] and torch.equal(_weights(wrapper.trainable_model), frozen)
+
+
+def test_lr_schedule_settings_are_checked():
+    with pytest.raises(ValueError, match="lr_schedule"):
+        Stage3Config(lr_schedule="step")
+    with pytest.raises(ValueError, match="schedule_episodes"):
+        Stage3Config(schedule_episodes=-1)
+    with pytest.raises(ValueError, match="schedule_episodes"):  # a bare wrapper has no run length to span
+        Stage3Wrapper(GlanceFocusVectorEnv(num_envs=2, seed=0, **SMALL), Stage3Config(lr_schedule="cosine"))
+
+
+def test_finetune_spans_the_cosine_schedule_over_the_episodes_it_runs(tmp_path):
+    """40 episodes asked in batches of 16 run 48: the schedule spans those, recorded in the checkpoint."""
+    path = finetune(make_agent("random", seed=0), SMALL, episodes=40, num_envs=16, progress=False,
+                    config=Stage3Config(update_every=16, batch_size=16, lr_schedule="cosine"), path=tmp_path / "m.pt")
+    _, meta = load_model(path)
+    assert meta["episodes"] == 48
+    assert meta["stage3"]["lr_schedule"] == "cosine" and meta["stage3"]["schedule_episodes"] == 48

@@ -11,7 +11,8 @@ collected are averaged over the processes by DistributedDataParallel, and rank 0
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     pass
 
 MODES = ("frozen", "joint")
+LR_SCHEDULES = ("constant", "cosine")
 STAGE3_EPISODES = 8192
 """Train images stage 3 runs the policy on by default (the main job's and ``train_agent.py --stage 3``'s)."""
 
@@ -61,6 +63,14 @@ class Stage3Config:
     """``sgd`` (momentum 0.9, Nesterov) or ``adamw``."""
     weight_decay: float = 1e-4
     """Weight decay of every trained parameter."""
+    lr_schedule: str = "constant"
+    """``constant`` (GFNet): every gradient step at ``classifier_lr`` / ``encoder_lr``. ``cosine``: the learning
+    rates decay from those values to 0 along a half cosine over ``schedule_episodes`` episodes, set per gradient
+    step (each step advances by the episodes it trains on), so the fine-tuning ends annealed as stage 1 does; past
+    the schedule they stay at 0."""
+    schedule_episodes: int = 0
+    """Episodes (over all processes under torchrun) the cosine schedule spans. 0: ``finetune`` sets it to the
+    episodes it runs; a ``Stage3Wrapper`` driven by other code needs it set."""
     update_every: int = 256
     """Finished episodes (images with their patch corners) collected before each update (over all processes under
     torchrun: each collects update_every / N)."""
@@ -91,6 +101,7 @@ class Stage3Config:
         check_fields(self, "stage-3 setting", {
             "mode": {"choices": MODES}, "optimizer": {"choices": OPTIMIZERS}, "amp": {"choices": AMP_MODES},
             "classifier_lr": {"low": 0.0}, "encoder_lr": {"low": 0.0}, "weight_decay": {"low": 0.0},
+            "lr_schedule": {"choices": LR_SCHEDULES}, "schedule_episodes": {"low": 0},
             "update_every": {"low": 1}, "batch_size": {"low": 1}, "epochs": {"low": 1}, "dsn_ratio": {"low": 0.0},
             "accum_steps": {"low": 1}, "seed": {"low": 0}})
         if not (self.train_classifier or self.train_focus or self.train_glance):
@@ -145,6 +156,12 @@ class Stage3Wrapper(VectorWrapper):
         groups = self._trainable_groups()
         self.optimizer = make_optimizer(self.config.optimizer, groups, self.config.classifier_lr,
                                         self.config.weight_decay)
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        if self.config.lr_schedule == "cosine" and self.config.schedule_episodes < 1:
+            raise ValueError("lr_schedule='cosine' needs schedule_episodes (the episodes the schedule spans); "
+                             "finetune() sets it to the episodes it runs.")
+        self._schedule_episodes = dist.per_rank(self.config.schedule_episodes)  # this process's share
+        self._trained_episodes = 0  # this process's episodes trained on so far (the schedule's position)
         self._loss = data_parallel_loss(self.trainable_model, base.device)  # DDP in a process group
         self._update_every = dist.per_rank(self.config.update_every)
         self._batch_size = dist.per_rank(self.config.batch_size)
@@ -299,8 +316,10 @@ class Stage3Wrapper(VectorWrapper):
                                "each must collect as many (the same num_envs and episode schedule on every rank).")
         self._train_mode()
         total, count = torch.zeros((), device=dev), 0
+        steps = cfg.epochs * math.ceil(len(labels) / self._batch_size)  # each step advances the schedule equally
         for _ in range(cfg.epochs):
             for idx in torch.randperm(len(labels), generator=self._gen, device=dev).split(self._batch_size):
+                self._set_lr(self._trained_episodes + len(labels) * count / steps)
                 self.optimizer.zero_grad(set_to_none=True)
                 micros = idx.chunk(cfg.accum_steps)
                 for m, micro in enumerate(micros):
@@ -317,10 +336,21 @@ class Stage3Wrapper(VectorWrapper):
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 count += 1
+        self._trained_episodes += len(labels)
+        self._set_lr(self._trained_episodes)  # the rates the next step starts from (0 at the schedule's end)
         model.eval()
         if cfg.bn_batch_stats:
             dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics on every rank
         self.losses.append(float(total / count))
+
+    def _set_lr(self, episodes_done: float) -> None:
+        """Each group's learning rate for a gradient step after ``episodes_done`` of this process's episodes (the
+        cosine schedule; ``constant`` leaves the optimizer's rates as they are)."""
+        if self.config.lr_schedule != "cosine":
+            return
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(episodes_done / self._schedule_episodes, 1.0)))
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * factor
 
     def save(self, path: str | Path, meta: dict | None = None) -> Path:
         """The fine-tuned weights as a standard model checkpoint (meta ``stage=3``), for ``checkpoint=PATH``.
@@ -341,7 +371,8 @@ def finetune(agent: AgentLike, env_kwargs: dict[str, Any] | None = None, episode
     """GFNet's stage 3 in frozen mode: run ``agent`` (anything with ``reset(env)``/``act(obs, env)``) with sampled
     actions on the train split and fine-tune; returns ``path``, the saved checkpoint.
 
-    Episodes run in whole batches of ``num_envs`` (so at least ``episodes``); the env's stage-1 model comes from
+    Episodes run in whole batches of ``num_envs`` (so at least ``episodes``; ``lr_schedule='cosine'`` with
+    ``schedule_episodes=0`` spans them all, so the last step's rates are near 0); the env's stage-1 model comes from
     ``env_kwargs`` (``checkpoint=...``, default the shipped one) merged with the agent's ``env_kwargs``.
 
     Under torchrun (it joins the process group unless already in one) ``episodes`` and ``num_envs`` are totals over
@@ -376,6 +407,8 @@ def _finetune(agent: AgentLike, kwargs: dict[str, Any], episodes: int, config: S
     env_seed = dist.rank_seed(seed)
     env = GlanceFocusVectorEnv(num_envs=min(dist.per_rank(num_envs), mine), split="train", device=device,
                                seed=env_seed, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
+    if config.lr_schedule == "cosine" and config.schedule_episodes == 0:  # span the episodes run (whole batches)
+        config = replace(config, schedule_episodes=math.ceil(mine / env.num_envs) * env.num_envs * world)
     wrapper = Stage3Wrapper(env, config)
     act = sampling_act(agent)
 
