@@ -496,16 +496,29 @@ class ClutteredCanvasSource(ImageSource):
         """Integers in [0, n) from uniforms u."""
         return (u * n).long().clamp_(max=n - 1)
 
+    def _keys(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx * 3 + self._split_id
+
+    @torch.no_grad()
+    def object_corners(self, indices: torch.Tensor) -> torch.Tensor:
+        """(N, 2) long: the (top, left) pixel at which item ``indices``' base image (the object, of size
+        ``base.image_shape[1:]``) lies on its canvas, as ``get`` places it (privileged information, for reference
+        policies and diagnostics; fragments max-blended on top may cover some of it)."""
+        idx = indices.to(self.device, torch.int64)
+        (_, h, w), (hc, wc) = self.base.image_shape, self.canvas
+        p = hash_uniform(self._keys(idx), self._stream, 2)
+        return torch.stack([self._draw(p[:, 0], hc - h + 1), self._draw(p[:, 1], wc - w + 1)], 1)
+
     @torch.no_grad()
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = indices.to(self.device, torch.int64)
-        key = idx * 3 + self._split_id
+        key = self._keys(idx)
         (c, h, w), (hc, wc) = self.base.image_shape, self.canvas
         b, nf, f, n = len(idx), self.fragments, self.fragment_size, len(self.base)
         images, labels = self.base.get(idx)
-        p = hash_uniform(key, self._stream, 2)
         out = torch.zeros(b, c, hc * wc, device=self.device)
-        dst = self._window(self._draw(p[:, 0], hc - h + 1), self._draw(p[:, 1], wc - w + 1), h, w, wc, c)
+        top_left = self.object_corners(idx)
+        dst = self._window(top_left[:, 0], top_left[:, 1], h, w, wc, c)
         out.scatter_(2, dst, images.reshape(b, c, h * w).to(out.dtype))
         if nf and b:
             q = hash_uniform(key, self._stream + 1, 5 * nf).reshape(b, nf, 5)

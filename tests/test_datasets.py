@@ -293,6 +293,24 @@ def test_canvas_without_fragments_holds_exactly_the_digit(tmp_path: Path) -> Non
     assert len({tuple(torch.nonzero(c[0])[0].tolist()) for c in x}) > 1
 
 
+def test_object_corners_are_where_get_places_the_image(tmp_path: Path) -> None:
+    """object_corners(i) is the base image's place on canvas i: without fragments the window there is the image
+    exactly; with fragments (max-blended) at least the image, in every split."""
+    root = _fake_mnist(tmp_path)
+    for split, fragments in (("test", 0), ("train", 4), ("val", 4)):
+        src = make_source("mnist", split, data_root=root, canvas=(40, 50), fragments=fragments, seed=2)
+        idx = torch.arange(len(src)).flip(0)  # the val split: 2 images
+        x, _ = src.get(idx)
+        digits, _ = make_source("mnist", split, data_root=root).get(idx)
+        corners = src.object_corners(idx)
+        assert corners.shape == (len(src), 2) and corners.dtype == torch.long
+        for canvas, digit, (top, left) in zip(x, digits, corners.tolist()):
+            window = canvas[:, top:top + 28, left:left + 28]
+            assert torch.equal(window, digit) if fragments == 0 else bool((window >= digit).all())
+        assert torch.equal(src.object_corners(idx[[1, 0]]), corners[[1, 0]])  # a pure function of the index
+        assert len({tuple(c) for c in corners.tolist()}) > 1
+
+
 def test_canvas_is_deterministic_per_index(tmp_path: Path) -> None:
     root = _fake_mnist(tmp_path)
     a = make_source("mnist", "train", data_root=root, canvas=60, fragments=4, seed=3)
