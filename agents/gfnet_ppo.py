@@ -317,9 +317,14 @@ class GFNetPPOAgent(LearnedAgent):
         actor = self.policy.actor
         steps: dict[str, list[torch.Tensor]] = {"obs": [], "actions": [], "log_probs": [], "rewards": [], "visited": []}
 
+        # the batch's own GRU state: a callback may evaluate the agent mid-batch (on other envs), which resets
+        # the agent's acting state
+        hidden = torch.zeros(self.env.num_envs, self.config.hidden_size, device=self.device)
+
         def act(obs: torch.Tensor, env: GlanceFocusVectorEnv) -> torch.Tensor:
+            nonlocal hidden
             visited = env.visited.clone()
-            params, self._hidden = self.policy.decide(obs, self._hidden, visited)
+            params, hidden = self.policy.decide(obs, hidden, visited)
             actions = actor.sample(params, self.generator)
             log_prob, _ = actor.log_prob_entropy(params, actions)
             for key, value in (("obs", obs), ("actions", actions), ("log_probs", log_prob), ("visited", visited)):

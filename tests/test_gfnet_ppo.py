@@ -83,6 +83,21 @@ def test_learn_counts_timesteps_in_whole_batches(action):
     assert all(torch.isfinite(p).all() for p in a.policy.parameters())
 
 
+def test_a_callback_that_evaluates_mid_batch_on_other_envs_leaves_training_intact():
+    class EvaluateEveryStep:
+        calls = 0
+
+        def on_step(self, agent, num_timesteps):
+            self.calls += 1
+            evaluate({"me": agent}, {}, episodes=5, seed=0, num_envs=5, progress=False)  # 5 slots, not N
+            return True
+
+    a, cb = agent(), EvaluateEveryStep()
+    a.learn(N * (a.env.steps - 1) * 2, callbacks=[cb])
+    assert cb.calls == 2 * (a.env.steps - 1) and a.num_timesteps == 2 * N * (a.env.steps - 1)
+    assert all(torch.isfinite(p).all() for p in a.policy.parameters())
+
+
 def test_callback_returning_false_stops_before_the_update():
     class StopAtOnce:
         calls = 0
