@@ -232,6 +232,18 @@ def test_joint_mode_ppo_learns_while_the_classifier_adapts():
     assert env.autoreset_mode == AutoresetMode.DISABLED and wrapper.autoreset_mode == AutoresetMode.SAME_STEP
 
 
+def test_readout_only_trains_the_classifiers_output_layer_and_keeps_the_state_the_policy_reads():
+    env = GlanceFocusVectorEnv(num_envs=8, seed=0)
+    head, rest = _weights(env.model.classifier.head), _weights(env.model.classifier.gru)
+    wrapper = Stage3Wrapper(env, Stage3Config(update_every=8, readout_only=True, train_focus=False))
+    obs, _ = wrapper.reset(seed=0)
+    _run_batch(wrapper, make_agent("random", seed=0), obs)
+    assert not torch.equal(_weights(env.model.classifier.head), head)
+    assert torch.equal(_weights(env.model.classifier.gru), rest)
+    with pytest.raises(ValueError, match="readout_only"):
+        Stage3Config(readout_only=True)  # train_focus is on by default
+
+
 def test_config_and_finetune_refuse_bad_settings():
     with pytest.raises(ValueError, match="nothing to train"):
         Stage3Config(train_classifier=False, train_focus=False)

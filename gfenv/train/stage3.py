@@ -50,6 +50,10 @@ class Stage3Config:
     the checkpoint."""
     train_classifier: bool = True
     """Fine-tune the classifier f_C."""
+    readout_only: bool = False
+    """Fine-tune only the classifier's readout (its output layer): the recurrent state, which the policy reads as
+    ``memory``, stays as stage 1 left it, so the policy meets the inputs it was trained on (with ``train_focus`` and
+    ``train_glance`` false). For policies whose later cells depend on what the state says was read."""
     train_focus: bool = True
     """Also fine-tune the focus encoder f_L and its deep-supervision head (GFNet's stage 3 trains the encoders and
     the classifier; False: the classifier alone)."""
@@ -106,6 +110,9 @@ class Stage3Config:
             "accum_steps": {"low": 1}, "seed": {"low": 0}})
         if not (self.train_classifier or self.train_focus or self.train_glance):
             raise ValueError("Stage 3 has nothing to train: set train_classifier, train_focus or train_glance.")
+        if self.readout_only and (self.train_focus or self.train_glance or not self.train_classifier):
+            raise ValueError("readout_only=true trains the classifier's readout alone: set train_focus=false (and "
+                             "train_glance=false, train_classifier=true) with it.")
         if self.update_every < 1 or self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:
             raise ValueError("update_every, batch_size, epochs and accum_steps must be at least 1.")
 
@@ -205,7 +212,8 @@ class Stage3Wrapper(VectorWrapper):
 
     def _trainable_groups(self) -> list[dict]:
         cfg, m = self.config, self.trainable_model
-        parts = [(cfg.train_classifier, [m.classifier], cfg.classifier_lr),
+        readout = getattr(m.classifier, "head", None) or getattr(m.classifier, "heads", None)
+        parts = [(cfg.train_classifier, [readout if cfg.readout_only else m.classifier], cfg.classifier_lr),
                  (cfg.train_focus, [m.focus_encoder, m.focus_head], cfg.encoder_lr),
                  (cfg.train_glance, [m.glance_encoder, m.glance_head], cfg.encoder_lr)]
         m.requires_grad_(False)
