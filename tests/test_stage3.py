@@ -332,3 +332,35 @@ def test_finetune_spans_the_cosine_schedule_over_the_episodes_it_runs(tmp_path):
     _, meta = load_model(path)
     assert meta["episodes"] == 48
     assert meta["stage3"]["lr_schedule"] == "cosine" and meta["stage3"]["schedule_episodes"] == 48
+
+
+class Spy:
+    """Grid policy that counts which of its two ways of acting finetune uses."""
+
+    name = "spy"
+    supported_actions = frozenset({"grid"})
+
+    def __init__(self):
+        self.calls = {"act": 0, "sample": 0}
+
+    def reset(self, env) -> None:
+        pass
+
+    def act(self, obs, env) -> torch.Tensor:
+        self.calls["act"] += 1
+        return env.t + 3
+
+    def sample(self, obs, env) -> torch.Tensor:
+        self.calls["sample"] += 1
+        return env.t + 5
+
+
+@pytest.mark.parametrize("actions", ["sampled", "deterministic"])
+def test_finetune_plays_the_policy_as_its_actions_setting_says(actions, tmp_path):
+    spy = Spy()
+    finetune(spy, {**SMALL, "action": "grid"}, episodes=8, config=Stage3Config(update_every=8, actions=actions),
+             seed=0, progress=False, path=tmp_path / "model.pt", num_envs=8)
+    used, unused = ("sample", "act") if actions == "sampled" else ("act", "sample")
+    assert spy.calls[used] > 0 and spy.calls[unused] == 0
+    with pytest.raises(ValueError, match="actions"):
+        Stage3Config(actions="greedy")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 MODES = ("frozen", "joint")
 LR_SCHEDULES = ("constant", "cosine")
+ACTIONS = ("sampled", "deterministic")
 STAGE3_EPISODES = 8192
 """Train images stage 3 runs the policy on by default (the main job's and ``train_agent.py --stage 3``'s)."""
 
@@ -50,6 +51,10 @@ class Stage3Config:
     the checkpoint."""
     train_classifier: bool = True
     """Fine-tune the classifier f_C."""
+    actions: str = "sampled"
+    """How ``finetune`` plays the policy: ``sampled`` (GFNet's frozen mode: its stochastic actions, so the classifier
+    sees the spread of glimpses around the policy's choices) or ``deterministic`` (its chosen cells: the sequences
+    an evaluation scores)."""
     readout_only: bool = False
     """Fine-tune only the classifier's readout (its output layer): the recurrent state, which the policy reads as
     ``memory``, stays as stage 1 left it, so the policy meets the inputs it was trained on (with ``train_focus`` and
@@ -105,7 +110,7 @@ class Stage3Config:
         check_fields(self, "stage-3 setting", {
             "mode": {"choices": MODES}, "optimizer": {"choices": OPTIMIZERS}, "amp": {"choices": AMP_MODES},
             "classifier_lr": {"low": 0.0}, "encoder_lr": {"low": 0.0}, "weight_decay": {"low": 0.0},
-            "lr_schedule": {"choices": LR_SCHEDULES}, "schedule_episodes": {"low": 0},
+            "lr_schedule": {"choices": LR_SCHEDULES}, "actions": {"choices": ACTIONS}, "schedule_episodes": {"low": 0},
             "update_every": {"low": 1}, "batch_size": {"low": 1}, "epochs": {"low": 1}, "dsn_ratio": {"low": 0.0},
             "accum_steps": {"low": 1}, "seed": {"low": 0}})
         if not (self.train_classifier or self.train_focus or self.train_glance):
@@ -418,7 +423,7 @@ def _finetune(agent: AgentLike, kwargs: dict[str, Any], episodes: int, config: S
     if config.lr_schedule == "cosine" and config.schedule_episodes == 0:  # span the episodes run (whole batches)
         config = replace(config, schedule_episodes=math.ceil(mine / env.num_envs) * env.num_envs * world)
     wrapper = Stage3Wrapper(env, config)
-    act = sampling_act(agent)
+    act = sampling_act(agent) if config.actions == "sampled" else agent.act
 
     def no_grad_act(obs: Any, env: Any) -> torch.Tensor:
         with torch.no_grad():
