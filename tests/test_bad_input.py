@@ -572,8 +572,11 @@ def _start(run: Path, *extra: str) -> subprocess.Popen:
     args = [sys.executable, str(ROOT / "train_agent.py"), "--stage", "2", "--num-envs", "4", "--timesteps", "1000000",
             "--eval-freq", "-1", "--checkpoint-freq", "0", "--no-progress", "--run-dir", str(run),
             "--hyperparams", "n_steps=8", "batch_size=32", "n_epochs=1", *extra]
+    # SIGINT as a terminal delivers it: a shell's background job (e.g. pytest started with `&`) inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
