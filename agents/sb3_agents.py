@@ -32,6 +32,7 @@ from torch import nn
 
 from agents.features import OPEN_LOOP_KEYS, GlanceFocusExtractor
 from agents.learned import LearnedAgent, TrainingCallback, register_learned_agent
+from gfenv.cache import without_cache
 from gfenv.checkpoint import CheckpointError, atomic_write, load_weights
 from gfenv.env import ACTION_MODES, GRID_MODES, GlanceFocusVectorEnv
 from gfenv.flops import count_macs
@@ -622,8 +623,7 @@ def _rebuild_settings(path: Path, meta: dict[str, Any], config: dict[str, Any] |
     hyperparams = dict(config.get("hyperparams") or {})
     if issubclass(SB3_SPECS[name].algo, ARS):
         hyperparams.setdefault("n_eval_episodes", config.get("num_envs", 1))
-    probe_kwargs = {k: v for k, v in meta["env_kwargs"].items() if k not in ("cache", "cache_dir", "cache_images")}
-    probe = GlanceFocusVectorEnv(num_envs=1, split="test", **probe_kwargs)
+    probe = GlanceFocusVectorEnv(num_envs=1, split="test", **without_cache(meta["env_kwargs"]))
     return {"hyperparams": hyperparams, "observation_space": probe.single_observation_space,
             "action_space": probe.single_action_space, "num_envs": int(config.get("num_envs", 1)),
             "glance_map_shape": tuple(probe.glance_map_shape)}
