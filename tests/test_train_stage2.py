@@ -19,7 +19,8 @@ from gfenv.train.stage2 import HYPERPARAMS_DIR, PolicyTrainingConfig, resolve_co
 
 QUIET = ["--no-progress", "--eval-freq", "-1", "--checkpoint-freq", "0"]
 PPO_TINY = ["n_steps=8", "batch_size=32", "n_epochs=1"]
-TINY = {"ppo": PPO_TINY, "maskable_ppo": PPO_TINY, "open_loop": PPO_TINY, "recurrent_ppo": PPO_TINY, "a2c": ["n_steps=8"],
+TINY = {"ppo": PPO_TINY, "maskable_ppo": PPO_TINY, "open_loop": PPO_TINY, "recurrent_ppo": PPO_TINY,
+        "a2c": ["n_steps=8"],
         "trpo": ["n_steps=8", "batch_size=32", "n_critic_updates=1"], "ars": ["n_delta=2", "n_top=2"],
         "sac": ["learning_starts=16", "buffer_size=512", "batch_size=16"],
         "qrdqn": ["learning_starts=16", "buffer_size=512", "batch_size=16"]}
