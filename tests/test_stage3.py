@@ -218,6 +218,29 @@ def test_patches_after_an_early_stop_do_not_count():
     assert torch.allclose(a, b) and not torch.allclose(b, c)
 
 
+def test_step_weights_last_scores_the_answer_an_episode_ends_on():
+    model, _ = load_model(DEFAULT_CHECKPOINT)
+    env = GlanceFocusVectorEnv(num_envs=4, seed=0, model=model)
+    env.reset(seed=0)
+    n = env.steps - 1
+    corners = torch.randint(0, 64, (4, n, 2))
+
+    def loss(k, **kw):  # over the glance and the first k patches
+        return glimpse_loss(model, env.images, env.labels, corners[:, :k], **kw)[0]
+
+    with torch.no_grad():  # the uniform loss is the mean over glimpses, so step t's term is a difference of means
+        final_term = (n + 1) * loss(n) - n * loss(n - 1)
+        second_term = 2 * loss(1) - loss(0)
+        stopped = torch.tensor([[True] + [False] * (n - 1)] * 4)
+        assert torch.allclose(loss(n, step_weights="last"), final_term, atol=1e-5)
+        assert torch.allclose(loss(n, step_weights="last", taken=stopped), second_term, atol=1e-5)
+        weights = torch.arange(1.0, n + 2)
+        terms = torch.stack([(t + 1) * loss(t) - t * loss(t - 1) if t else loss(0) for t in range(n + 1)])
+        assert torch.allclose(loss(n, step_weights="linear"), (weights * terms).sum() / weights.sum(), atol=1e-5)
+    with pytest.raises(ValueError, match="step_weights"):
+        Stage3Config(step_weights="first")
+
+
 def test_joint_mode_ppo_learns_while_the_classifier_adapts():
     env = GlanceFocusVectorEnv(num_envs=4, seed=0, autoreset_mode=AutoresetMode.DISABLED)
     wrapper = Stage3Wrapper(env, Stage3Config(mode="joint", update_every=4), autoreset_mode=AutoresetMode.SAME_STEP)

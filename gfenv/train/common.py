@@ -77,14 +77,21 @@ def _encode(encoder: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.
     return encoder(x)[0]
 
 
+STEP_WEIGHTS = ("uniform", "linear", "last")
+"""How ``glimpse_loss`` weighs the predictions after each glimpse."""
+
+
 def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor,
                  dsn_ratio: float = 1.0, grad_checkpointing: bool = False,
-                 taken: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 taken: torch.Tensor | None = None, step_weights: str = "uniform",
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GFNet's loss on the glance and the focus patches with top-left ``corners`` (B, T-1, 2), in order.
 
     Stage 1 draws the corners at random, stage 3 takes the policy's. ``taken`` (B, T-1) bool leaves out the patches
-    an episode never took (after an early stop); the loss is the mean over the glimpses taken. Returns (loss,
-    per-step correct counts (T,)).
+    an episode never took (after an early stop); the loss is the weighted mean over the glimpses taken.
+    ``step_weights`` (``STEP_WEIGHTS``): ``uniform`` (GFNet: every glimpse's prediction counts the same), ``linear``
+    (glimpse t of T weighs t, so the late answers, built on more glimpses, dominate) or ``last`` (an episode's last
+    glimpse taken only). Returns (loss, per-step correct counts (T,)).
     """
     cfg = model.config
     b, n_focus, p = images.shape[0], corners.shape[1], cfg.patch_size
@@ -98,6 +105,14 @@ def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, 
     weight = torch.ones(b, n_focus + 1, device=images.device)  # (B, T)
     if taken is not None:
         weight[:, 1:] = taken.float()
+    taken_mask = weight
+    if step_weights == "linear":
+        weight = weight * torch.arange(1, n_focus + 2, device=images.device, dtype=weight.dtype)
+    elif step_weights == "last":  # the glimpse an episode ends on: its answer
+        last = weight.cumsum(1).argmax(1, keepdim=True)  # (B, 1): the index of the last taken glimpse
+        weight = torch.zeros_like(weight).scatter_(1, last, 1.0)
+    elif step_weights != "uniform":
+        raise ValueError(f"step_weights={step_weights!r}: choose one of {', '.join(STEP_WEIGHTS)}.")
     state = model.classifier.init_state(b, device=images.device, dtype=feats[0].dtype)
     loss = images.new_zeros(())
     correct = []
@@ -106,7 +121,7 @@ def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, 
         ce = F.cross_entropy(logits.float(), labels, reduction="none")
         ce = ce + dsn_ratio * F.cross_entropy(model.head(t)(ft).float(), labels, reduction="none")  # (B,)
         loss = loss + (ce * weight[:, t]).sum()
-        correct.append(((logits.argmax(1) == labels) & (weight[:, t] > 0)).sum())
+        correct.append(((logits.argmax(1) == labels) & (taken_mask[:, t] > 0)).sum())
     return loss / weight.sum().clamp(min=1.0), torch.stack(correct)
 
 
@@ -119,9 +134,9 @@ class GlimpseLoss(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor, dsn_ratio: float = 1.0,
-                grad_checkpointing: bool = False, taken: torch.Tensor | None = None,
+                grad_checkpointing: bool = False, taken: torch.Tensor | None = None, step_weights: str = "uniform",
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return glimpse_loss(self.model, images, labels, corners, dsn_ratio, grad_checkpointing, taken)
+        return glimpse_loss(self.model, images, labels, corners, dsn_ratio, grad_checkpointing, taken, step_weights)
 
 
 def data_parallel_loss(model: GFNetModel, device: torch.device) -> nn.Module:

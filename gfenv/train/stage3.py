@@ -27,7 +27,7 @@ from gfenv.checkpoint import save_model
 from gfenv.env import GlanceFocusVectorEnv
 from gfenv.rollout import FIXED_ENV_KWARGS, AgentLike, play_batch, sampling_act
 from gfenv.train import distributed as dist
-from gfenv.train.common import AMP_MODES, OPTIMIZERS, autocast_dtype, data_parallel_loss, make_optimizer
+from gfenv.train.common import AMP_MODES, OPTIMIZERS, STEP_WEIGHTS, autocast_dtype, data_parallel_loss, make_optimizer
 from gfenv.utils import check_fields
 
 if TYPE_CHECKING:
@@ -88,6 +88,10 @@ class Stage3Config:
     ``epochs`` passes over the episodes collected."""
     epochs: int = 1
     """Passes over each batch of collected episodes."""
+    step_weights: str = "uniform"
+    """How the loss weighs the prediction after each glimpse (``gfenv.train.common.STEP_WEIGHTS``): ``uniform``
+    (GFNet, as stage 1), ``linear`` (glimpse t of T weighs t) or ``last`` (each episode's last glimpse only). On long
+    episodes the early glimpses, far from the answer, carry most of a uniform loss."""
     dsn_ratio: float = 1.0
     """Weight of each encoder's own linear-head loss (GFNet: 1 for ResNet/DenseNet/RegNet, 5 for MobileNet/EffNet)."""
     bn_batch_stats: bool = False
@@ -110,7 +114,8 @@ class Stage3Config:
         check_fields(self, "stage-3 setting", {
             "mode": {"choices": MODES}, "optimizer": {"choices": OPTIMIZERS}, "amp": {"choices": AMP_MODES},
             "classifier_lr": {"low": 0.0}, "encoder_lr": {"low": 0.0}, "weight_decay": {"low": 0.0},
-            "lr_schedule": {"choices": LR_SCHEDULES}, "actions": {"choices": ACTIONS}, "schedule_episodes": {"low": 0},
+            "lr_schedule": {"choices": LR_SCHEDULES}, "actions": {"choices": ACTIONS},
+            "step_weights": {"choices": STEP_WEIGHTS}, "schedule_episodes": {"low": 0},
             "update_every": {"low": 1}, "batch_size": {"low": 1}, "epochs": {"low": 1}, "dsn_ratio": {"low": 0.0},
             "accum_steps": {"low": 1}, "seed": {"low": 0}})
         if not (self.train_classifier or self.train_focus or self.train_glance):
@@ -342,7 +347,8 @@ class Stage3Wrapper(VectorWrapper):
                     with dist.no_sync(self._loss, skip=m < len(micros) - 1):  # DDP averages on the last one
                         with torch.autocast(dev.type, dtype=self._amp or torch.float32, enabled=self._amp is not None):
                             loss, _ = self._loss(x, labels[micro], corners[micro], cfg.dsn_ratio,
-                                                 cfg.grad_checkpointing, taken=corners[micro, :, 0] >= 0)
+                                                 cfg.grad_checkpointing, taken=corners[micro, :, 0] >= 0,
+                                                 step_weights=cfg.step_weights)
                         share = micro.numel() / idx.numel()  # 1.0 without accumulation: the same loss
                         self.scaler.scale(loss * share).backward()
                     total = total + loss.detach() * share
