@@ -57,6 +57,9 @@ class Task:
     """The shipped stage-1 checkpoint (a file of ``gfenv/assets``); None: train one with stage 1."""
     stage1_options: str = ""
     """``train_agent.py`` options its stage 1 needs (e.g. ``--device cuda --low-memory``)."""
+    stage3: dict[str, Any] = field(default_factory=dict)
+    """Stage-3 settings (``Stage3Config`` fields) this task's stage 3 uses over the defaults; a user's own settings
+    override them (``stage3_settings``)."""
 
     @property
     def name(self) -> str:
@@ -193,6 +196,13 @@ class TaskSpec:
         return "runs/stage1/" + "_".join(str(p).replace("/", "-").replace(" ", "") for p in parts)
 
 
+def stage3_settings(env_id: str | None, user: dict[str, Any]) -> dict[str, Any]:
+    """The stage-3 settings for a policy trained on ``env_id``: the task's registered ones (``Task.stage3``), then
+    the user's."""
+    task = TASKS.get(env_id) if env_id else None
+    return {**(task.stage3 if task else {}), **user}
+
+
 def recorded_task(checkpoint: str | Path) -> tuple[str | None, dict[str, Any]]:
     """(env id, task words) that a gfenv checkpoint records (``meta["env"]``, ``meta["task"]``: written by stage 1
     and stage 3); (None, {}) for files that record none (older checkpoints, GFNet-Pytorch's ``.pth.tar``)."""
@@ -301,7 +311,8 @@ BUILTIN_TASKS = (
          {"dataset": "chain", "patch_size": 32, "steps": 8, "backbone": "small_cnn", "action": "grid", "grid": 7},
          "two pointer hops, 224 x 224 in 7 x 7 tiles: key -> node -> node, each read naming where the next lies; "
          "32 classes, T = 8 (the long-horizon task)",
-         checkpoint="chain_small_cnn.pt", stage1_options="--epochs 3"),
+         checkpoint="chain_small_cnn.pt", stage1_options="--epochs 3",
+         stage3={"step_weights": "last", "actions": "deterministic", "train_focus": False}),
     Task("gfenv/ClutteredMNIST60-v0",
          {"dataset": "cluttered_mnist", "canvas": 60, "fragments": 4, "fragment_size": 8, "backbone": "small_cnn",
           "patch_size": 24, "steps": 5},

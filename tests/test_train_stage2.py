@@ -187,6 +187,21 @@ def test_stage_3_cli_fine_tunes_on_the_glimpses_of_a_fixed_agent(tmp_path, capsy
         assert not (tmp_path / agent).exists()
 
 
+def test_stage_3_takes_the_tasks_registered_settings_under_the_users(tmp_path, capsys):
+    from gfenv.checkpoint import load_model
+    from gfenv.task import TASKS
+
+    registered = TASKS["gfenv/GlyphChain-v0"].stage3
+    assert registered["step_weights"] == "last"
+    assert train_agent.main(["--stage", "3", "--agent", "center", "--env", "gfenv/GlyphChain-v0", "--run-dir",
+                             str(tmp_path), "--no-progress", "--hyperparams", "episodes=8", "update_every=8",
+                             "batch_size=8", "actions=sampled"]) == 0
+    assert "gfenv/GlyphChain-v0's settings" in capsys.readouterr().out
+    used = load_model(tmp_path / "stage3" / "model.pt")[1]["stage3"]
+    assert registered["actions"] == "deterministic" and used["actions"] == "sampled"  # the user's setting wins
+    assert {k: used[k] for k in registered if k != "actions"} == {k: v for k, v in registered.items() if k != "actions"}
+
+
 def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
     import json
 

@@ -43,7 +43,15 @@ import gymnasium
 
 from gfenv import ENV_ID
 from gfenv.cli import add_common_flags, run_command
-from gfenv.task import canonical_words, recorded_task, registered_words, resolve_task, task_words
+from gfenv.task import (
+    TASKS,
+    canonical_words,
+    recorded_task,
+    registered_words,
+    resolve_task,
+    stage3_settings,
+    task_words,
+)
 from gfenv.utils import argument, check_device, check_int, import_modules, keep_freed_memory, parse_kv
 
 TRUST_HELP = ("--resume and --stage 3 --run-dir: load an SB3 zip with SB3's own loader, which unpickles it and so RUNS "
@@ -204,7 +212,7 @@ def stage3(args: argparse.Namespace) -> int:
     from agents.learned import is_learned, learned_agent_names
     from gfenv.train.common import low_memory
     from gfenv.train.distributed import distributed, is_main
-    from gfenv.train.runs import claim_run_dir, load_agent, stage3_checkpoint
+    from gfenv.train.runs import claim_run_dir, load_agent, read_config, stage3_checkpoint
     from gfenv.train.stage3 import STAGE3_EPISODES, Stage3Config, finetune
 
     fixed = sorted(n for n in AGENTS if not is_learned(n))
@@ -216,7 +224,11 @@ def stage3(args: argparse.Namespace) -> int:
     if not args.run_dir and args.agent is None:
         raise ValueError("--stage 3 needs --run-dir of a stage-2 run (its agent picks the patches), or --agent with a "
                          f"fixed agent ({', '.join(fixed)}).")
-    settings = parse_kv(args.hyperparams, "--hyperparams")
+    env_id = task_of(args)[0] if args.agent is not None else read_config(args.run_dir).get("env")
+    settings = stage3_settings(env_id, parse_kv(args.hyperparams, "--hyperparams"))
+    if TASKS.get(env_id) is not None and TASKS[env_id].stage3:
+        print(f"stage 3: {env_id}'s settings "
+              f"{' '.join(f'{k}={v}' for k, v in TASKS[env_id].stage3.items())} (--hyperparams overrides them)")
     episodes = check_int("episodes", settings.pop("episodes", STAGE3_EPISODES), 1, hint="train images")
     for key in ("amp", "accum_steps"):  # the memory flags mean the same as in stage 1
         if getattr(args, key) is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from agents.base import make_agent
 from gfenv.eval.evaluation import evaluate, format_table, oracle_normalised
-from gfenv.task import registered_words
+from gfenv.task import registered_words, stage3_settings
 from gfenv.train.runs import claim_run_dir, read_config, stage3_checkpoint
 from gfenv.train.stage2 import PolicyTrainingConfig, train_policy
 from gfenv.train.stage3 import STAGE3_EPISODES, Stage3Config, finetune
@@ -42,7 +42,8 @@ class PipelineConfig:
     stage3_episodes: int = STAGE3_EPISODES
     """Train images the stage-3 fine-tuning runs the policy on."""
     stage3: dict = field(default_factory=dict)
-    """``Stage3Config`` fields over its defaults (GFNet's: the classifier and the focus encoder, classifier lr 0.01)."""
+    """``Stage3Config`` fields over the task's (``gfenv.task.Task.stage3``) and the defaults (GFNet's: the classifier
+    and the focus encoder, classifier lr 0.01)."""
     episodes: int = 2000
     """Test images of the final evaluation (the first ones of the split, the same for every agent)."""
     seed: int = 0
@@ -56,7 +57,8 @@ class PipelineConfig:
         check_fields(self, "main-job setting", {"timesteps": {"low": 1, "hint": "None: the yml's n_timesteps"},
                                                 "stage3_episodes": {"low": 1}, "episodes": {"low": 1},
                                                 "seed": {"low": 0}})
-        Stage3Config(seed=self.seed, **self.stage3)  # a bad stage-3 setting fails now, not after stage 2 trains
+        # a bad stage-3 setting fails now, not after stage 2 trains
+        Stage3Config(seed=self.seed, **stage3_settings(self.env_id, self.stage3))
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -74,7 +76,8 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     config = read_config(run_dir)  # what stage 2 resolved: the task's words, the budget (the yml's by default)
     env_kwargs, timesteps = {k: v for k, v in config["env_kwargs"].items()}, config["timesteps"]
     t2 = time.time()
-    stage3_path = finetune(policy, env_kwargs, cfg.stage3_episodes, Stage3Config(seed=cfg.seed, **cfg.stage3),
+    stage3_cfg = Stage3Config(seed=cfg.seed, **stage3_settings(cfg.env_id, cfg.stage3))
+    stage3_path = finetune(policy, env_kwargs, cfg.stage3_episodes, stage3_cfg,
                            seed=cfg.seed, device=cfg.device, progress=cfg.progress, path=stage3_checkpoint(run_dir))
     t3 = time.time()
     baselines = {name: make_agent(name, seed=cfg.seed) for name in BASELINES}
