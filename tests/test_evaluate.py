@@ -241,6 +241,33 @@ def test_a_run_dir_template_loads_each_seed_s_own_run(tmp_path, monkeypatch, cap
     assert "run_s2" in capsys.readouterr().err
 
 
+def test_each_seed_is_scored_with_its_own_runs_stage_1_checkpoint(tmp_path, monkeypatch):
+    from gfenv.checkpoint import load_model, save_model
+    from gfenv.env import DEFAULT_CHECKPOINT
+
+    model, meta = load_model(DEFAULT_CHECKPOINT)
+    save_model(tmp_path / "s1_0.pt", model, meta)
+    torch.nn.init.zeros_(model.classifier.head.weight)  # seed 1's classifier: always the class with the largest bias
+    save_model(tmp_path / "s1_1.pt", model, meta)
+    for seed in (0, 1):
+        (tmp_path / f"run_s{seed}").mkdir()
+        (tmp_path / f"run_s{seed}" / "config.yml").write_text(
+            f"agent: ppo\nenv: gfenv/GlanceFocus-v0\ntimesteps: 1000\nenv_kwargs:\n  checkpoint: {tmp_path}/s1_{seed}.pt\n")
+    monkeypatch.setattr(evaluate_agent, "load_agent", lambda path, device="cpu": make_agent("center"))
+    args = ["--episodes", "24", "--num-envs", "12", "--threshold-episodes", "0", "--no-progress", "--seeds", "0,1"]
+    out = tmp_path / "eval.json"
+    assert evaluate_agent.main(["--agents", f"random,mine={tmp_path}/run_s{{seed}}", *args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [report["env_kwargs_per_seed"][s]["checkpoint"] for s in "01"] == [f"{tmp_path}/s1_{s}.pt" for s in "01"]
+    for label in ("random", "mine"):  # the baselines see what each seed's run saw
+        per_seed = report["agents"][label]["per_seed"]
+        assert per_seed["0"]["accuracy"][0] > per_seed["1"]["accuracy"][0]
+    # a template in --env-kwargs names each seed's checkpoint for runs that record none
+    assert evaluate_agent.main(["--agents", "random", *args, "--env-kwargs", f"checkpoint={tmp_path}/s1_{{seed}}.pt",
+                                "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["env_kwargs_per_seed"]["1"]["checkpoint"] == f"{tmp_path}/s1_1.pt"
+
+
 @pytest.fixture
 def extra_envs():
     """A short-episode variant of the default task, and one whose checkpoint is missing."""

@@ -170,7 +170,8 @@ def trained_runs(specs: dict[str, str | None], seeds: list[int], env_id: str) ->
 def shared_task(args: argparse.Namespace, specs: dict[str, str | None], seed: int) -> tuple[str, dict[str, Any]]:
     """The env id and the env words every agent of ``specs`` is scored with: ``--env`` (default: the env id the first
     trained run records, else the default task), its registered words, the task words that run was trained with
-    (its data and stage-1 checkpoint: the baselines see what it saw), then ``--env-kwargs``."""
+    (its data and stage-1 checkpoint: the baselines see what it saw), then ``--env-kwargs``, with ``{seed}`` in
+    a value filled in. All of that read for ``seed``: each seed's runs may have their own stage-1 checkpoint."""
     env_id, words = args.env, {}
     template = next((t for t in specs.values() if t is not None), None)
     if template is not None:
@@ -180,8 +181,9 @@ def shared_task(args: argparse.Namespace, specs: dict[str, str | None], seed: in
     env_id = env_id or ENV_ID
     if env_id not in gymnasium.registry:
         raise ValueError(f"Unknown env id {env_id!r}. Registered gfenv ids: {', '.join(gfenv_ids())}.")
-    return env_id, {**registered_words(env_id), **words,
-                    **canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))}
+    user = canonical_words(parse_kv(args.env_kwargs, "--env-kwargs"))
+    user = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in user.items()}
+    return env_id, {**registered_words(env_id), **words, **user}
 
 
 def agent_factory(specs: dict[str, str | None], env_id: str, device: str, trust_pickled_zip: bool = False):
@@ -212,18 +214,22 @@ def evaluate_static(path: str, env_kwargs: dict[str, Any], episodes: int, device
 
 
 def evaluate_env(args: argparse.Namespace, env_id: str, env_kwargs: dict[str, Any], specs: dict[str, str | None],
-                 seeds: list[int], skipped: list[str] | None = None) -> dict[str, Any]:
+                 seeds: list[int], skipped: list[str] | None = None,
+                 seed_kwargs: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The benchmark of one env: every agent over every seed (``gfenv.eval.evaluation.benchmark``), the static point.
-    With ``skipped`` (a list), a static model that does not fit the env is noted there instead of raising."""
+    With ``skipped`` (a list), a static model that does not fit the env is noted there instead of raising.
+    ``seed_kwargs``: each seed's own env words where they differ (``env_kwargs`` is the first seed's)."""
     runs = trained_runs(specs, seeds, env_id)
     make_agents = agent_factory(specs, env_id, args.device, args.trust_pickled_zip)
     score_fn = oracle_normalised if all(r in specs for r in REFERENCES) else None
     threshold_episodes = 2 * args.episodes if args.threshold_episodes is None else args.threshold_episodes
-    results = benchmark(make_agents, env_kwargs, args.episodes, seeds, threshold_episodes, args.num_envs,
+    words = seed_kwargs.__getitem__ if seed_kwargs else env_kwargs
+    results = benchmark(make_agents, words, args.episodes, seeds, threshold_episodes, args.num_envs,
                         args.device, progress=not args.no_progress, score_fn=score_fn, split=args.split)
     for label, run in runs.items():
         results[label].update(run)
-    report = {"env": env_id, "env_kwargs": env_kwargs, "split": args.split, "episodes": args.episodes,
+    report = {"env": env_id, "env_kwargs": env_kwargs, **({"env_kwargs_per_seed": seed_kwargs} if seed_kwargs else {}),
+              "split": args.split, "episodes": args.episodes,
               "seed": seeds[0], "seeds": seeds, "threshold_episodes": threshold_episodes, "agents": results}
     if args.static:
         path = run_dir(args.static, seeds[0], env_id).as_posix()
@@ -395,9 +401,13 @@ def evaluate_command(args: argparse.Namespace, specs: dict[str, str | None], see
         raise ValueError(f"--env-kwargs {', '.join(f'{k}={env_kwargs[k]!r}' for k in fixed)}: evaluate_agent.py sets "
                          f"{', '.join(fixed)} itself (the images: --split, --episodes; the slots: --num-envs; "
                          f"--device; --seed); drop {'them' if len(fixed) > 1 else 'it'} from --env-kwargs.")
-    # the shared task built once before any agent loads: a bad word (unknown, wrong type or range) fails now
-    GlanceFocusVectorEnv(num_envs=1, split=args.split, device=args.device, **env_kwargs).close()
-    report = evaluate_env(args, env_id, env_kwargs, specs, seeds)
+    trained_runs(specs, seeds, env_id)  # every seed's run folder exists (else an error naming the missing one)
+    per_seed = {s: shared_task(args, specs, s)[1] for s in seeds}  # a seed's runs may have their own stage 1
+    distinct = [kw for i, kw in enumerate(per_seed.values()) if kw not in list(per_seed.values())[:i]]
+    # the task built once before any agent loads: a bad word (unknown, wrong type or range) fails now
+    for kw in distinct:
+        GlanceFocusVectorEnv(num_envs=1, split=args.split, device=args.device, **kw).close()
+    report = evaluate_env(args, env_id, env_kwargs, specs, seeds, seed_kwargs=per_seed if len(distinct) > 1 else None)
     print_report(report)
     write_outputs(args, report)
     if args.json:

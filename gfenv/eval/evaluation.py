@@ -150,13 +150,15 @@ def render_episodes(agent: AgentLike, env_kwargs: dict[str, Any], count: int, se
             "predictions": info["prediction"].tolist(), "glimpses": env.t.tolist()}
 
 
-def benchmark(make_agents: Callable[[int], dict[str, AgentLike]], env_kwargs: dict[str, Any], episodes: int,
+def benchmark(make_agents: Callable[[int], dict[str, AgentLike]],
+              env_kwargs: dict[str, Any] | Callable[[int], dict[str, Any]], episodes: int,
               seeds: Sequence[int], threshold_episodes: int = 0, num_envs: int = 250,
               device: str | torch.device = "cpu", progress: bool = True,
               score_fn: Callable[[dict[str, dict]], dict[str, list[float]]] | None = None,
               split: str = "test") -> dict[str, dict]:
     """``evaluate`` on ``split`` for every seed (``make_agents(seed)`` builds that seed's agents), summarised over
-    seeds.
+    seeds. ``env_kwargs`` may be a function of the seed (each seed's own task words, e.g. its own stage-1
+    checkpoint).
 
     With ``threshold_episodes`` > 0 each agent also plays the first that many train images, which fit the
     budgeted batch classification thresholds (``gfenv.eval.budgeted.budgeted_curve``; cost: each image's own cumulative
@@ -173,14 +175,15 @@ def benchmark(make_agents: Callable[[int], dict[str, AgentLike]], env_kwargs: di
     try:
         for seed in seeds:
             agents = make_agents(seed)
+            kwargs = env_kwargs(seed) if callable(env_kwargs) else env_kwargs
             if bar is None:
                 total = len(seeds) * len(agents) * (episodes + threshold_episodes)
                 bar = tqdm(total=total, unit="img", disable=not progress)
             record = threshold_episodes > 0
-            results = evaluate(agents, env_kwargs, episodes, seed, num_envs, device, split=split, record=record,
+            results = evaluate(agents, kwargs, episodes, seed, num_envs, device, split=split, record=record,
                                bar=bar)
             if record:
-                train = evaluate(agents, env_kwargs, threshold_episodes, seed, num_envs, device, split="train",
+                train = evaluate(agents, kwargs, threshold_episodes, seed, num_envs, device, split="train",
                                  record=True, bar=bar)
                 for label, result in results.items():
                     test = result.pop("per_image")
