@@ -251,7 +251,8 @@ def test_each_seed_is_scored_with_its_own_runs_stage_1_checkpoint(tmp_path, monk
     save_model(tmp_path / "s1_1.pt", model, meta)
     for seed in (0, 1):
         (tmp_path / f"run_s{seed}").mkdir()
-        config = f"agent: ppo\nenv: gfenv/GlanceFocus-v0\ntimesteps: 1000\nenv_kwargs:\n  checkpoint: {tmp_path}/s1_{seed}.pt\n"
+        config = (f"agent: ppo\nenv: gfenv/GlanceFocus-v0\ntimesteps: 1000\n"
+                  f"env_kwargs:\n  checkpoint: {tmp_path}/s1_{seed}.pt\n")
         (tmp_path / f"run_s{seed}" / "config.yml").write_text(config)
     monkeypatch.setattr(evaluate_agent, "load_agent", lambda path, device="cpu": make_agent("center"))
     args = ["--episodes", "24", "--num-envs", "12", "--threshold-episodes", "0", "--no-progress", "--seeds", "0,1"]
