@@ -57,9 +57,12 @@ class Task:
     """The shipped stage-1 checkpoint (a file of ``gfenv/assets``); None: train one with stage 1."""
     stage1_options: str = ""
     """``train_agent.py`` options its stage 1 needs (e.g. ``--device cuda --low-memory``)."""
+    stage1: dict[str, Any] = field(default_factory=dict)
+    """Stage-1 settings (``Stage1Config`` fields, e.g. ``epochs``) this task's stage 1 uses over the defaults; the
+    user's ``--hyperparams`` and flags override them."""
     stage3: dict[str, Any] = field(default_factory=dict)
-    """Stage-3 settings (``Stage3Config`` fields) this task's stage 3 uses over the defaults; a user's own settings
-    override them (``stage3_settings``)."""
+    """Stage-3 settings (``Stage3Config`` fields and ``episodes``) this task's stage 3 uses over the defaults; a
+    user's own settings override them (``stage3_settings``)."""
 
     @property
     def name(self) -> str:
@@ -327,7 +330,8 @@ BUILTIN_TASKS = (
          {"dataset": "fashion_mnist", "canvas": 60, "fragments": 4, "fragment_size": 8, "backbone": "small_cnn",
           "patch_size": 24, "steps": 5},
          "RAM's cluttered-canvas protocol on Fashion-MNIST: a garment on a 60 x 60 canvas with 4 fragments of 8 x 8",
-         FASHION_MNIST_DATA),
+         FASHION_MNIST_DATA, stage1={"epochs": 12},
+         stage3={"lr_schedule": "cosine", "episodes": 32768}),
     Task("gfenv/FashionMNIST100-v0",
          {"dataset": "fashion_mnist", "canvas": 100, "fragments": 8, "fragment_size": 8, "backbone": "small_cnn",
           "patch_size": 24, "steps": 5},

@@ -37,12 +37,17 @@ def _fashion_mnist(root: Path, n_train: int = 320, n_test: int = 64) -> Path:
     return root
 
 
-def test_stage1_to_evaluation_on_a_real_dataset_names_the_task_once(tmp_path):
+def test_stage1_to_evaluation_on_a_real_dataset_names_the_task_once(tmp_path, capsys):
+    from gfenv.checkpoint import load_model
+
     data = _fashion_mnist(tmp_path / "data")
     s1, s2, out = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "eval.json"
     assert train_agent.main(["--stage", "1", "--env", "gfenv/FashionMNIST60-v0", "--env-kwargs", f"data_root={data}",
                              "val_size=32", "--epochs", "1", "--batch-size", "32", "--hyperparams", "eval_images=32",
                              "--run-dir", str(s1), *QUIET]) == 0
+    # the task's registered stage-1 settings are printed, and the flags override them
+    assert "gfenv/FashionMNIST60-v0's settings epochs=12" in capsys.readouterr().out
+    assert load_model(s1 / "model.pt")[1]["iterations"] == 9  # one epoch of 288 train images in batches of 32
     # stage 2 names only the checkpoint: it records the task (data, canvas, patch size) and the env id
     assert train_agent.main(["--stage", "2", "--agent", "maskable_ppo", "--env-kwargs", f"checkpoint={s1}/model.pt",
                              "--timesteps", "256", "--num-envs", "8", "--eval-freq", "128", "--eval-episodes", "16",
@@ -54,6 +59,8 @@ def test_stage1_to_evaluation_on_a_real_dataset_names_the_task_once(tmp_path):
     evaluations = [json.loads(line) for line in (s2 / "evaluations.jsonl").read_text().splitlines()]
     assert evaluations and all(e["split"] == "val" for e in evaluations)  # model selection never sees test
     assert train_agent.main(["--stage", "3", "--run-dir", str(s2), "--hyperparams", "episodes=32", *QUIET]) == 0
+    stage3 = load_model(s2 / "stage3" / "model.pt")[1]
+    assert stage3["stage3"]["lr_schedule"] == "cosine" and stage3["episodes"] >= 32  # the task's, then the user's
     # the evaluation names only the runs: the baselines are scored on the task the runs record
     assert evaluate_agent.main(["--agents", f"random,center,oracle,mppo={s2},mppo3={s2}/stage3/model.pt",
                                 "--episodes", "16", "--num-envs", "16", "--threshold-episodes", "0", "--json",

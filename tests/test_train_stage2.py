@@ -202,6 +202,16 @@ def test_stage_3_takes_the_tasks_registered_settings_under_the_users(tmp_path, c
     assert {k: used[k] for k in registered if k != "actions"} == {k: v for k, v in registered.items() if k != "actions"}
 
 
+def test_the_main_jobs_stage_3_takes_the_tasks_episodes_unless_told_otherwise():
+    from gfenv.train.pipeline import PipelineConfig
+
+    cfg, episodes = PipelineConfig(env_id="gfenv/FashionMNIST60-v0").stage3_config()
+    assert cfg.lr_schedule == "cosine" and episodes == 32768
+    cfg, episodes = PipelineConfig(env_id="gfenv/FashionMNIST60-v0", stage3_episodes=64,
+                                   stage3={"lr_schedule": "constant"}).stage3_config()
+    assert cfg.lr_schedule == "constant" and episodes == 64
+
+
 def test_main_job_runs_all_stages_and_writes_its_results(tmp_path):
     import json
 

@@ -88,7 +88,12 @@ def stage1_config(args: argparse.Namespace):
     cfg = Stage1Config(seed=args.seed, device=args.device, dataset=spec.dataset, dataset_kwargs=spec.source_kwargs,
                        env_id=spec.env_id or env_id, **spec.model_words)
     fields = {f.name for f in dataclasses.fields(Stage1Config)}
-    for key, value in parse_kv(args.hyperparams, "--hyperparams").items():
+    task_id = spec.env_id or env_id
+    registered = TASKS[task_id].stage1 if task_id in TASKS else {}
+    if registered:
+        print(f"stage 1: {task_id}'s settings {' '.join(f'{k}={v}' for k, v in registered.items())} "
+              f"(--hyperparams and the flags override them)")
+    for key, value in {**registered, **parse_kv(args.hyperparams, "--hyperparams")}.items():
         if key not in fields:
             raise ValueError(f"Unknown stage-1 hyperparameter {key!r}. Valid: {', '.join(sorted(fields))}.")
         setattr(cfg, key, value)

@@ -40,7 +40,8 @@ class PipelineConfig:
     """Stage-2 training timesteps; default the agent's ``n_timesteps`` in ``hyperparams/<agent>.yml`` (MaskablePPO
     on gfenv/GlyphPointer-v0: 300,000)."""
     stage3_episodes: int = STAGE3_EPISODES
-    """Train images the stage-3 fine-tuning runs the policy on."""
+    """Train images the stage-3 fine-tuning runs the policy on (the task's ``episodes`` of ``Task.stage3``, if it
+    registers some, unless this is changed)."""
     stage3: dict = field(default_factory=dict)
     """``Stage3Config`` fields over the task's (``gfenv.task.Task.stage3``) and the defaults (GFNet's: the classifier
     and the focus encoder, classifier lr 0.01)."""
@@ -58,7 +59,16 @@ class PipelineConfig:
                                                 "stage3_episodes": {"low": 1}, "episodes": {"low": 1},
                                                 "seed": {"low": 0}})
         # a bad stage-3 setting fails now, not after stage 2 trains
-        Stage3Config(seed=self.seed, **stage3_settings(self.env_id, self.stage3))
+        self.stage3_config()
+
+    def stage3_config(self) -> tuple[Stage3Config, int]:
+        """Stage 3's settings and episodes: the task's registered ones (``Task.stage3``), then ``stage3`` and
+        ``stage3_episodes`` (when changed from the default)."""
+        settings = stage3_settings(self.env_id, self.stage3)
+        episodes = settings.pop("episodes", STAGE3_EPISODES)
+        if self.stage3_episodes != STAGE3_EPISODES:
+            episodes = self.stage3_episodes
+        return Stage3Config(seed=self.seed, **settings), episodes
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -76,8 +86,8 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     config = read_config(run_dir)  # what stage 2 resolved: the task's words, the budget (the yml's by default)
     env_kwargs, timesteps = {k: v for k, v in config["env_kwargs"].items()}, config["timesteps"]
     t2 = time.time()
-    stage3_cfg = Stage3Config(seed=cfg.seed, **stage3_settings(cfg.env_id, cfg.stage3))
-    stage3_path = finetune(policy, env_kwargs, cfg.stage3_episodes, stage3_cfg,
+    stage3_cfg, stage3_episodes = cfg.stage3_config()
+    stage3_path = finetune(policy, env_kwargs, stage3_episodes, stage3_cfg,
                            seed=cfg.seed, device=cfg.device, progress=cfg.progress, path=stage3_checkpoint(run_dir))
     t3 = time.time()
     baselines = {name: make_agent(name, seed=cfg.seed) for name in BASELINES}
