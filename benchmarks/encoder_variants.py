@@ -2,13 +2,17 @@
 
     python benchmarks/encoder_variants.py --env gfenv/FashionMNIST60-v0 --data-root DATA --out runs/variants/pre3 \\
         [--epochs 4] [--pretrain-epochs 3] [--glance-size 12] [--seed 0]
+    python benchmarks/encoder_variants.py --data-root DATA --out runs/variants/plain28 --pretrain-epochs 3 \
+        --pretrain-size 28 --pretrain-only
 
 Two questions about the real-data recipe (docs/real_data.md) that the package's settings do not ask:
 
 - ``--pretrain-epochs N``: GFNet starts stage 1 from encoders pretrained on whole images (ImageNet). In miniature:
   first train one ``small_cnn`` with a linear head as a plain classifier on random P x P crops of the *uncluttered*
   base images (the garments without canvas or clutter; SGD Nesterov, lr 0.05 cosine, batch 128), print its accuracy
-  on the centre P x P crop of the first 2,000 validation images, and start both encoders of stage 1 from it;
+  on the centre P x P crop of the first 2,000 validation images, and start both encoders of stage 1 from it
+  (``--pretrain-size N``: crops of N x N instead, e.g. the whole 28 x 28 garment; ``--pretrain-only``: stop there,
+  which measures what one view of the plain garment tells this encoder);
 - ``--glance-size G``: the glance at G x G instead of P x P (GFNet's glance is the image at the patch size), by
   replacing ``gfenv.glimpse.glance`` for this process.
 
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--epochs", type=float, default=4.0, help="stage-1 epochs")
     p.add_argument("--pretrain-epochs", type=float, default=0.0)
+    p.add_argument("--pretrain-size", type=int, default=None, help="crop side of the pretraining (default P)")
+    p.add_argument("--pretrain-only", action="store_true")
     p.add_argument("--glance-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -113,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pretrain_epochs > 0:
         weights = args.out / "pretrained_encoder.pt"
-        pretrain(task, int(words["patch_size"]), args.pretrain_epochs, args.seed, weights)
+        pretrain(task, args.pretrain_size or int(words["patch_size"]), args.pretrain_epochs, args.seed, weights)
+        if args.pretrain_only:
+            return 0
 
         class Pretrained(stage1.GFNetModel):
             def __init__(self, *a, **k):
