@@ -51,6 +51,8 @@ def patch_glance(size: int) -> None:
 
 
 def random_crops(x: torch.Tensor, p: int, gen: torch.Generator) -> torch.Tensor:
+    """A p x p crop of each image at a uniformly random place. (``gfenv.glimpse.crop`` cuts the same pixels, but in
+    another memory layout, which changes the convolutions' float sums and so the printed figures.)"""
     b, _, h, w = x.shape
     top = torch.randint(0, h - p + 1, (b,), generator=gen)
     left = torch.randint(0, w - p + 1, (b,), generator=gen)
@@ -64,7 +66,7 @@ def pretrain(task, p: int, epochs: float, seed: int, path: Path) -> None:
     from gfenv.backbones import SmallCNN
 
     train, val = task.source("train").base, task.source("val").base
-    enc, head = SmallCNN(train.image_shape[0]), None
+    enc = SmallCNN(train.image_shape[0])
     head = torch.nn.Linear(enc.feature_dim, train.num_classes)
     opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.05, momentum=0.9, nesterov=True,
                           weight_decay=1e-4)

@@ -59,10 +59,10 @@ class Task:
     """``train_agent.py`` options its stage 1 needs (e.g. ``--device cuda --low-memory``)."""
     stage1: dict[str, Any] = field(default_factory=dict)
     """Stage-1 settings (``Stage1Config`` fields, e.g. ``epochs``) this task's stage 1 uses over the defaults; the
-    user's ``--hyperparams`` and flags override them."""
+    user's ``--hyperparams`` and flags override them (``stage_settings``)."""
     stage3: dict[str, Any] = field(default_factory=dict)
     """Stage-3 settings (``Stage3Config`` fields and ``episodes``) this task's stage 3 uses over the defaults; a
-    user's own settings override them (``stage3_settings``)."""
+    user's own settings override them (``stage_settings``)."""
 
     @property
     def name(self) -> str:
@@ -199,11 +199,16 @@ class TaskSpec:
         return "runs/stage1/" + "_".join(str(p).replace("/", "-").replace(" ", "") for p in parts)
 
 
-def stage3_settings(env_id: str | None, user: dict[str, Any]) -> dict[str, Any]:
-    """The stage-3 settings for a policy trained on ``env_id``: the task's registered ones (``Task.stage3``), then
-    the user's."""
+def stage_settings(env_id: str | None, stage: str, user: dict[str, Any], announce: bool = False) -> dict[str, Any]:
+    """The settings of ``stage`` (``"stage1"`` or ``"stage3"``) for a run on ``env_id``: the ones the task registers
+    (``Task.stage1`` / ``Task.stage3``; none for an unregistered id), then the user's. ``announce`` prints the
+    registered ones, if any."""
     task = TASKS.get(env_id) if env_id else None
-    return {**(task.stage3 if task else {}), **user}
+    registered = dict(getattr(task, stage)) if task is not None else {}
+    if announce and registered:
+        print(f"stage {stage[-1]}: {env_id}'s settings {' '.join(f'{k}={v}' for k, v in registered.items())} "
+              f"(--hyperparams override them)")
+    return {**registered, **user}
 
 
 def recorded_task(checkpoint: str | Path) -> tuple[str | None, dict[str, Any]]:

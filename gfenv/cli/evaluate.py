@@ -402,12 +402,13 @@ def evaluate_command(args: argparse.Namespace, specs: dict[str, str | None], see
                          f"{', '.join(fixed)} itself (the images: --split, --episodes; the slots: --num-envs; "
                          f"--device; --seed); drop {'them' if len(fixed) > 1 else 'it'} from --env-kwargs.")
     trained_runs(specs, seeds, env_id)  # every seed's run folder exists (else an error naming the missing one)
-    per_seed = {s: shared_task(args, specs, s)[1] for s in seeds}  # a seed's runs may have their own stage 1
-    distinct = [kw for i, kw in enumerate(per_seed.values()) if kw not in list(per_seed.values())[:i]]
-    # the task built once before any agent loads: a bad word (unknown, wrong type or range) fails now
-    for kw in distinct:
+    # each seed's task: its runs may have their own stage-1 checkpoint
+    per_seed = {seeds[0]: env_kwargs, **{s: shared_task(args, specs, s)[1] for s in seeds[1:]}}
+    seed_kwargs = per_seed if any(kw != env_kwargs for kw in per_seed.values()) else None
+    # the task built before any agent loads: a bad word (unknown, wrong type or range) fails now
+    for kw in (seed_kwargs or {seeds[0]: env_kwargs}).values():
         GlanceFocusVectorEnv(num_envs=1, split=args.split, device=args.device, **kw).close()
-    report = evaluate_env(args, env_id, env_kwargs, specs, seeds, seed_kwargs=per_seed if len(distinct) > 1 else None)
+    report = evaluate_env(args, env_id, env_kwargs, specs, seeds, seed_kwargs=seed_kwargs)
     print_report(report)
     write_outputs(args, report)
     if args.json:

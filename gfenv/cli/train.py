@@ -43,15 +43,7 @@ import gymnasium
 
 from gfenv import ENV_ID
 from gfenv.cli import add_common_flags, run_command
-from gfenv.task import (
-    TASKS,
-    canonical_words,
-    recorded_task,
-    registered_words,
-    resolve_task,
-    stage3_settings,
-    task_words,
-)
+from gfenv.task import canonical_words, recorded_task, registered_words, resolve_task, stage_settings, task_words
 from gfenv.utils import argument, check_device, check_int, import_modules, keep_freed_memory, parse_kv
 
 TRUST_HELP = ("--resume and --stage 3 --run-dir: load an SB3 zip with SB3's own loader, which unpickles it and so RUNS "
@@ -88,12 +80,9 @@ def stage1_config(args: argparse.Namespace):
     cfg = Stage1Config(seed=args.seed, device=args.device, dataset=spec.dataset, dataset_kwargs=spec.source_kwargs,
                        env_id=spec.env_id or env_id, **spec.model_words)
     fields = {f.name for f in dataclasses.fields(Stage1Config)}
-    task_id = spec.env_id or env_id
-    registered = TASKS[task_id].stage1 if task_id in TASKS else {}
-    if registered:
-        print(f"stage 1: {task_id}'s settings {' '.join(f'{k}={v}' for k, v in registered.items())} "
-              f"(--hyperparams and the flags override them)")
-    for key, value in {**registered, **parse_kv(args.hyperparams, "--hyperparams")}.items():
+    settings = stage_settings(spec.env_id or env_id, "stage1", parse_kv(args.hyperparams, "--hyperparams"),
+                              announce=True)
+    for key, value in settings.items():
         if key not in fields:
             raise ValueError(f"Unknown stage-1 hyperparameter {key!r}. Valid: {', '.join(sorted(fields))}.")
         setattr(cfg, key, value)
@@ -229,11 +218,12 @@ def stage3(args: argparse.Namespace) -> int:
     if not args.run_dir and args.agent is None:
         raise ValueError("--stage 3 needs --run-dir of a stage-2 run (its agent picks the patches), or --agent with a "
                          f"fixed agent ({', '.join(fixed)}).")
-    env_id = task_of(args)[0] if args.agent is not None else read_config(args.run_dir).get("env")
-    settings = stage3_settings(env_id, parse_kv(args.hyperparams, "--hyperparams"))
-    if TASKS.get(env_id) is not None and TASKS[env_id].stage3:
-        print(f"stage 3: {env_id}'s settings "
-              f"{' '.join(f'{k}={v}' for k, v in TASKS[env_id].stage3.items())} (--hyperparams overrides them)")
+    env_kwargs = parse_kv(args.env_kwargs, "--env-kwargs")
+    if args.agent is not None:
+        env_id, env_kwargs = task_of(args)
+    else:
+        env_id = read_config(args.run_dir).get("env")
+    settings = stage_settings(env_id, "stage3", parse_kv(args.hyperparams, "--hyperparams"), announce=True)
     episodes = check_int("episodes", settings.pop("episodes", STAGE3_EPISODES), 1, hint="train images")
     for key in ("amp", "accum_steps"):  # the memory flags mean the same as in stage 1
         if getattr(args, key) is not None:
@@ -246,9 +236,6 @@ def stage3(args: argparse.Namespace) -> int:
     unknown = sorted(set(settings) - fields)
     if unknown:
         raise ValueError(f"unknown stage-3 settings {unknown}; valid: episodes, {', '.join(sorted(fields))}.")
-    env_kwargs = parse_kv(args.env_kwargs, "--env-kwargs")
-    if args.agent is not None:
-        env_kwargs = task_of(args)[1]
     stage3_cfg = Stage3Config(seed=args.seed, **settings)
     out = Path(args.run_dir or f"runs/{args.agent}")
     with distributed(args.device) as device:  # under torchrun: this process's group and device

@@ -105,11 +105,11 @@ def glimpse_loss(model: GFNetModel, images: torch.Tensor, labels: torch.Tensor, 
     weight = torch.ones(b, n_focus + 1, device=images.device)  # (B, T)
     if taken is not None:
         weight[:, 1:] = taken.float()
-    taken_mask = weight
+    taken_mask = weight  # the glimpses taken are a prefix of the T
     if step_weights == "linear":
         weight = weight * torch.arange(1, n_focus + 2, device=images.device, dtype=weight.dtype)
     elif step_weights == "last":  # the glimpse an episode ends on: its answer
-        last = weight.cumsum(1).argmax(1, keepdim=True)  # (B, 1): the index of the last taken glimpse
+        last = taken_mask.sum(1, keepdim=True).long() - 1  # (B, 1)
         weight = torch.zeros_like(weight).scatter_(1, last, 1.0)
     elif step_weights != "uniform":
         raise ValueError(f"step_weights={step_weights!r}: choose one of {', '.join(STEP_WEIGHTS)}.")

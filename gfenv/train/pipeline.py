@@ -12,7 +12,7 @@ from typing import Any
 
 from agents.base import make_agent
 from gfenv.eval.evaluation import evaluate, format_table, oracle_normalised
-from gfenv.task import registered_words, stage3_settings
+from gfenv.task import registered_words, stage_settings
 from gfenv.train.runs import claim_run_dir, read_config, stage3_checkpoint
 from gfenv.train.stage2 import PolicyTrainingConfig, train_policy
 from gfenv.train.stage3 import STAGE3_EPISODES, Stage3Config, finetune
@@ -39,9 +39,9 @@ class PipelineConfig:
     timesteps: int | None = None
     """Stage-2 training timesteps; default the agent's ``n_timesteps`` in ``hyperparams/<agent>.yml`` (MaskablePPO
     on gfenv/GlyphPointer-v0: 300,000)."""
-    stage3_episodes: int = STAGE3_EPISODES
-    """Train images the stage-3 fine-tuning runs the policy on (the task's ``episodes`` of ``Task.stage3``, if it
-    registers some, unless this is changed)."""
+    stage3_episodes: int | None = None
+    """Train images the stage-3 fine-tuning runs the policy on; default the task's ``episodes`` (``Task.stage3``),
+    else ``STAGE3_EPISODES`` (8,192)."""
     stage3: dict = field(default_factory=dict)
     """``Stage3Config`` fields over the task's (``gfenv.task.Task.stage3``) and the defaults (GFNet's: the classifier
     and the focus encoder, classifier lr 0.01)."""
@@ -56,19 +56,18 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "main-job setting", {"timesteps": {"low": 1, "hint": "None: the yml's n_timesteps"},
-                                                "stage3_episodes": {"low": 1}, "episodes": {"low": 1},
+                                                "stage3_episodes": {"low": 1, "hint": "None: the task's or 8192"},
+                                                "episodes": {"low": 1},
                                                 "seed": {"low": 0}})
         # a bad stage-3 setting fails now, not after stage 2 trains
         self.stage3_config()
 
     def stage3_config(self) -> tuple[Stage3Config, int]:
         """Stage 3's settings and episodes: the task's registered ones (``Task.stage3``), then ``stage3`` and
-        ``stage3_episodes`` (when changed from the default)."""
-        settings = stage3_settings(self.env_id, self.stage3)
+        ``stage3_episodes``."""
+        settings = stage_settings(self.env_id, "stage3", self.stage3)
         episodes = settings.pop("episodes", STAGE3_EPISODES)
-        if self.stage3_episodes != STAGE3_EPISODES:
-            episodes = self.stage3_episodes
-        return Stage3Config(seed=self.seed, **settings), episodes
+        return Stage3Config(seed=self.seed, **settings), self.stage3_episodes or episodes
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, Any]:
