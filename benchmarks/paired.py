@@ -2,6 +2,7 @@
 (the same images, the same seed), then mean ± std over seeds.
 
     python benchmarks/paired.py runs/suite/pointer_seeds.json maskable_ppo_stage3 maskable_ppo
+    python benchmarks/paired.py runs/suite/suite.json maskable_ppo open_loop --env gfenv/GlyphChain-v0   # a --suite report
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ def main() -> None:
     p.add_argument("report", help="the --json file of evaluate_agent.py")
     p.add_argument("a", help="agent label")
     p.add_argument("b", help="agent label it is compared with (a - b)")
+    p.add_argument("--env", help="the task, in a report of evaluate_agent.py --suite")
     args = p.parse_args()
     report = json.loads(open(args.report).read())
+    if "envs" in report:  # a --suite report: one report per task
+        if args.env not in report["envs"]:
+            raise SystemExit(f"--env {args.env!r}: name one of the report's tasks: {', '.join(report['envs'])}")
+        report = report["envs"][args.env]
     agents = report.get("agents", report)
     for label in (args.a, args.b):
         if label not in agents:
