@@ -2,7 +2,7 @@
 (the same images, the same seed), then mean ± std over seeds.
 
     python benchmarks/paired.py runs/suite/pointer_seeds.json maskable_ppo_stage3 maskable_ppo
-    python benchmarks/paired.py runs/suite/suite.json maskable_ppo open_loop --env gfenv/GlyphChain-v0   # a --suite report
+    python benchmarks/paired.py runs/suite/suite.json maskable_ppo open_loop --env gfenv/GlyphChain-v0   # --suite
 """
 
 from __future__ import annotations

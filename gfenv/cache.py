@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,11 +159,13 @@ class FeatureCache:
             done = path / "complete.json"
             if done.exists():
                 _say(f"gfenv feature cache: reusing {path}", progress)
-                tensors = {k: torch.from_numpy(np.load(path / f"{k}.npy", mmap_mode="r+"))
-                           for k in plan.shapes()}
-                return cls(tensors, device, path)
-            path.mkdir(parents=True, exist_ok=True)
-            arrays = {k: np.lib.format.open_memmap(path / f"{k}.npy", mode="w+",
+                return cls(_load(path, plan), device, path)
+            # built in a folder of this process, renamed to `path` once complete: runs that start together (e.g.
+            # `JOBS=2 bash benchmarks/suite.sh`) each build their own, the first rename wins, and a killed build
+            # leaves no half-written cache under the name that is reused
+            building = path.parent / f"{path.name}.building-{os.getpid()}"
+            building.mkdir(parents=True, exist_ok=True)
+            arrays = {k: np.lib.format.open_memmap(building / f"{k}.npy", mode="w+",
                                                    dtype=np.int64 if k == "labels" else np.float32, shape=s)
                       for k, s in plan.shapes().items()}
             out = {k: torch.from_numpy(a) for k, a in arrays.items()}
@@ -184,8 +187,20 @@ class FeatureCache:
         if path is not None:
             for a in arrays.values():
                 a.flush()
-            (path / "complete.json").write_text(json.dumps({"images": images, "bytes": plan.nbytes}) + "\n")
+            (building / "complete.json").write_text(json.dumps({"images": images, "bytes": plan.nbytes}) + "\n")
+            if path.exists() and not (path / "complete.json").exists():
+                shutil.rmtree(path)  # a half-written cache of an earlier version, which built in place
+            try:
+                building.rename(path)
+            except OSError:  # another run finished the same cache first: use its files, drop ours
+                shutil.rmtree(building)
+                return cls(_load(path, plan), device, path)
         return cls(out, device, path)
+
+
+def _load(path: Path, plan: CachePlan) -> dict[str, torch.Tensor]:
+    """The arrays of a complete disk cache, memory-mapped."""
+    return {k: torch.from_numpy(np.load(path / f"{k}.npy", mmap_mode="r+")) for k in plan.shapes()}
 
 
 def _say(message: str, progress: bool) -> None:

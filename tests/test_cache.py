@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +87,30 @@ def test_disk_cache_is_written_once_and_reused(tmp_path, tensor_images, glyphs40
     mem = GlanceFocusVectorEnv(num_envs=4, source=source, action="grid", cache="memory")
     for k, v in mem.cache.tensors.items():
         assert torch.equal(env2.cache.tensors[k], v)
+
+
+def test_disk_cache_is_built_apart_and_a_rival_complete_build_wins(tmp_path, tensor_images, glyphs40, monkeypatch):
+    """Runs started together build in folders of their own; the first complete build is renamed into place, the
+    others use it. A half-written cache (no complete.json) under the final name is rebuilt, never reused."""
+    source = tensor_images(*glyphs40, num_classes=10)
+    mem = GlanceFocusVectorEnv(num_envs=4, source=source, action="grid", cache="memory").cache.tensors
+    rename = Path.rename
+
+    def rival_finishes_first(self, target):
+        shutil.copytree(self, target)  # another run renamed the same complete cache into place a moment before
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rival_finishes_first)
+    env = GlanceFocusVectorEnv(num_envs=4, source=source, action="grid", cache="disk", cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [env.cache.path.name]  # our own build folder is gone
+    assert all(torch.equal(env.cache.tensors[k], v) for k, v in mem.items())
+    monkeypatch.undo()
+    (env.cache.path / "complete.json").unlink()  # as a build killed half-way by an earlier version leaves it
+    np.save(env.cache.path / "cell_features.npy", np.zeros(3, dtype=np.float32))
+    again = GlanceFocusVectorEnv(num_envs=4, source=source, action="grid", cache="disk", cache_dir=tmp_path)
+    assert again.cache.path == env.cache.path and (again.cache.path / "complete.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [env.cache.path.name]
+    assert all(torch.equal(again.cache.tensors[k], v) for k, v in mem.items())
 
 
 def test_size_estimate_counts_every_array():

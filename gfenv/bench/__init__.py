@@ -22,7 +22,8 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 
 Timing: ``--cycles`` cycles; in each, every measure runs once to warm up, then the fast measures take turns run by
 run for ``--repeats`` rounds, in reverse order every other round; then the slow ones (``per_env``, ``sb3_ppo``,
-``sb3_ppo_tiny``) run max(2, repeats // 5) times, each run next to a ``batched`` run (before it, then after it, in turn).
+``sb3_ppo_tiny``) run max(2, repeats // 5) times, each run next to a ``batched`` run (before it, then after it, in
+turn).
 A figure is the median over cycles of its median run, and a ratio the median, over every cycle, of the ratios of
 runs taken side by side (the two runs of a round; a ``per_env`` run and its ``batched`` neighbour), so that it
 compares runs taken moments apart on a machine whose speed drifts. The thread count is printed. Like the project's
