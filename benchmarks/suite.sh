@@ -30,18 +30,15 @@ train_one() {  # task agent seed: one stage-2 run, skipped when its model is the
   t0=$(date +%s)
   $PY train_agent.py --stage 2 --agent "$agent" --env "gfenv/$task" --seed "$seed" --timesteps "$steps" "${cache[@]}" \
     --eval-freq $((steps < 50000 ? 0 : 50000)) --checkpoint-freq 0 --no-progress --run-dir "$run" > "$run.log" 2>&1 \
-    || { echo "failed: $run (see $run.log)"; return 1; }
+    || { echo "failed: $run (see $run.log)"; return 255; }   # 255: xargs starts no further run
   printf '%s\t%s\t%s\t%s\n' "$task" "$agent" "$seed" "$(( $(date +%s) - t0 ))" >> "$OUT/times.tsv"
 }
 start=$(date +%s)
 mkdir -p "$OUT"
 jobs=$(for task in $TASKS; do for agent in $AGENTS; do for seed in $SEEDS; do echo "$task $agent $seed"; done; done; done)
-if [ "${JOBS:-1}" -gt 1 ]; then   # JOBS runs at a time, one thread each, in the order above
-  export -f train_one; export PY OUT BUDGET CACHE_IMAGES STEPS_DEF="$(declare -p STEPS)"
-  echo "$jobs" | xargs -P "$JOBS" -L 1 bash -c 'eval "$STEPS_DEF"; train_one "$@"' _ || exit 1
-else
-  while read -r task agent seed; do train_one "$task" "$agent" "$seed" || exit 1; done <<< "$jobs"
-fi
+# JOBS runs at a time (default 1), one thread each, in the order above
+export -f train_one; export PY OUT BUDGET CACHE_IMAGES STEPS_DEF="$(declare -p STEPS)"
+echo "$jobs" | xargs -P "${JOBS:-1}" -L 1 bash -c 'eval "$STEPS_DEF"; train_one "$@"' _ || exit 1
 echo "training: $(( $(date +%s) - start )) s"
 [ "${EVAL:-1}" = 0 ] && exit 0   # EVAL=0: train only
 agents="random,center,raster,oracle"
