@@ -16,7 +16,8 @@ def test_bench_cli_writes_every_measure_and_ratio(tmp_path, capsys):
                        "2", "--threads", "1", "--imports", "1", "--single-episodes", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in (*(k for k in bench.KEYS if k != "imports"), "batched_over_per_env", "floor_over_batched",
-                "cached_over_batched", "sb3_ppo_over_batched", "sb3_ppo_tiny_over_batched"):
+                "cached_over_batched", "sb3_ppo_over_batched", "sb3_ppo_tiny_over_batched",
+                "sb3_ppo_collect_over_batched"):
         assert report[key] > 0, key
     assert report["imports"]["gfenv_over_torch"] > 0 and len(report["imports"]["ratios"]) == 1
     assert report["threads"] == 1 and report["num_envs"] == 4 and report["device"] == "cpu"
@@ -27,7 +28,7 @@ def test_bench_cli_writes_every_measure_and_ratio(tmp_path, capsys):
     assert len(runs) == 2 and all(len(c["per_env"]) == len(c["batched@per_env"]) == 2 for c in runs)
     assert len(report["details"]["batched_over_per_env"]) == 4  # 2 side-by-side pairs in each of the 2 cycles
     # PPO's share of the env's rate pairs each PPO run with the batched run next to it
-    for slow in ("sb3_ppo", "sb3_ppo_tiny"):
+    for slow in ("sb3_ppo", "sb3_ppo_collect", "sb3_ppo_tiny"):
         assert all(len(c[slow]) == len(c[f"batched@{slow}"]) == 2 for c in runs)
         steps = {k: report["details"][k]["steps_per_repeat"] for k in (slow, "batched")}
         expected = [(steps[slow] / t) / (steps["batched"] / b)

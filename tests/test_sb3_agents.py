@@ -3,6 +3,7 @@ default features extractor and the rl-zoo style hyperparameters."""
 
 from __future__ import annotations
 
+import copy
 import re
 from types import SimpleNamespace
 
@@ -144,6 +145,29 @@ def test_glance_focus_extractor_reads_the_dict_observation():
         GlanceFocusExtractor(env.single_observation_space, (1, 2, 3))
     with pytest.raises(ValueError, match="observation='dict'"):
         GlanceFocusExtractor(spaces.Dict({"glance": spaces.Box(0, 1, (4,))}), (1, 2, 2))
+
+
+def test_glance_focus_extractor_pools_only_maps_wider_than_eight():
+    """A map within 8 x 8 skips the pooling (an identity there): the same features and gradients as pooling it to
+    its own size, and the same parameters, so agents saved before load and act alike; a wider map is pooled."""
+    env = _env("grid", n=3)
+    torch.manual_seed(0)
+    extractor = GlanceFocusExtractor(env.single_observation_space, env.glance_map_shape, features_dim=64)
+    obs, _ = env.reset(seed=0)
+    assert isinstance(extractor.glance_net[4], torch.nn.Identity)
+    pooled = copy.deepcopy(extractor)
+    pooled.glance_net[4] = torch.nn.AdaptiveAvgPool2d(env.glance_map_shape[1:])
+    assert [k for k, _ in pooled.named_parameters()] == [k for k, _ in extractor.named_parameters()]
+    outputs = []
+    for net in (extractor, pooled):
+        out = net(obs)
+        out.square().sum().backward()
+        outputs.append((out.detach(), [p.grad for p in net.parameters()]))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0][1], outputs[1][1], strict=True))
+    wide = spaces.Dict({**env.single_observation_space.spaces, "glance": spaces.Box(0, 1, (2 * 12 * 12,))})
+    big = GlanceFocusExtractor(wide, (2, 12, 12), features_dim=16, conv_channels=4)
+    assert isinstance(big.glance_net[4], torch.nn.AdaptiveAvgPool2d) and big.head[0].in_features == 2 * 8 * 8 + 128
 
 
 def test_user_policy_kwargs_extend_or_replace_the_default_extractor():

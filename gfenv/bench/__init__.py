@@ -9,20 +9,23 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
   one glance encoder + T - 1 focus encoder passes + T classifier steps), as equivalent env steps per second;
 - ``cached``: the cached-feature mode (``cache="memory"``: a gather and the classifier step);
 - ``sb3_ppo``: PPO's collect + train through the SB3 adapter (the project's ppo hyperparameters), env steps per second;
-- ``sb3_ppo_tiny``: the same with a policy 8 wide throughout (``GlanceFocusExtractor`` channels and features, ``pi``
+- ``sb3_ppo_collect``: PPO's collection alone (its ``collect_rollouts`` into the rollout buffer, no update): how fast
+  SB3 and the adapter consume the env, policy forward included;
+- ``sb3_ppo_tiny``: the same as ``sb3_ppo`` with a policy 8 wide throughout (``GlanceFocusExtractor`` channels and features, ``pi``
   and ``vf`` layers): what SB3 and the adapter cost apart from the policy's own arithmetic;
 - ``batched_stored`` (a diagnostic beside the issue's measures): ``batched`` with the same images stored in memory
   (``TensorSource``, uint8) instead of drawn procedurally at each reset, to tell the env's own cost from the default
   task's image synthesis; its ratio ``floor_over_batched_stored``;
 - ``single``: one ``gymnasium.make`` env (what clients that vectorise through ``gym.make`` step each slot with);
 - ratios ``batched_over_per_env``, ``floor_over_batched`` (step time / floor time), ``cached_over_batched``, and
-  ``sb3_ppo_over_batched`` / ``sb3_ppo_tiny_over_batched`` (the share of the env's own rate PPO trains at);
+  ``sb3_ppo_over_batched`` / ``sb3_ppo_tiny_over_batched`` (the share of the env's own rate PPO trains at),
+  ``sb3_ppo_collect_over_batched`` (the share PPO collects at);
 - ``imports``: ``import gfenv`` against ``import torch``, fresh interpreters in turn (``--imports`` rounds), the
   median of the rounds' ratios ``gfenv_over_torch``.
 
 Timing: ``--cycles`` cycles; in each, every measure runs once to warm up, then the fast measures take turns run by
-run for ``--repeats`` rounds, in reverse order every other round; then the slow ones (``per_env``, ``sb3_ppo``,
-``sb3_ppo_tiny``) run max(2, repeats // 5) times, each run next to a ``batched`` run (before it, then after it, in
+run for ``--repeats`` rounds, in reverse order every other round; then the slow ones (``per_env`` and the
+``sb3_ppo`` measures) run max(2, repeats // 5) times, each run next to a ``batched`` run (before it, then after it, in
 turn).
 A figure is the median over cycles of its median run, and a ratio the median, over every cycle, of the ratios of
 runs taken side by side (the two runs of a round; a ``per_env`` run and its ``batched`` neighbour), so that it
@@ -51,10 +54,11 @@ from gfenv.env import GlanceFocusEnv, GlanceFocusVectorEnv
 from gfenv.glimpse import crop, glance
 from gfenv.models import encode
 
-KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo", "sb3_ppo_tiny", "batched_stored", "single", "imports")
-SLOW = ("per_env", "sb3_ppo", "sb3_ppo_tiny")
+KEYS = ("batched", "per_env", "floor", "cached", "sb3_ppo", "sb3_ppo_collect", "sb3_ppo_tiny", "batched_stored",
+        "single", "imports")
+SLOW = ("per_env", "sb3_ppo", "sb3_ppo_collect", "sb3_ppo_tiny")
 """Measures of seconds per run: timed after the fast rounds of every cycle, each run beside a run of its partner."""
-PARTNERS = {"per_env": "batched", "sb3_ppo": "batched", "sb3_ppo_tiny": "batched"}
+PARTNERS = {"per_env": "batched", "sb3_ppo": "batched", "sb3_ppo_collect": "batched", "sb3_ppo_tiny": "batched"}
 """A slow measure's partner: a run of it is taken next to each of the slow measure's runs, for their ratio."""
 
 
@@ -158,9 +162,11 @@ def stored_source(env: GlanceFocusVectorEnv, images: int):
                         device=env.device, name="stored images")
 
 
-def sb3_ppo_workload(num_envs: int, device: str, rollouts: int, width: int | None = None) -> Workload:
+def sb3_ppo_workload(num_envs: int, device: str, rollouts: int, width: int | None = None,
+                     collect_only: bool = False) -> Workload:
     """PPO collect + train (hyperparams/ppo.yml for the default task) through the SB3 adapter; ``width``: one width
-    for every layer of the policy (the extractor's and the ``pi`` / ``vf`` layers) in place of the yml's."""
+    for every layer of the policy (the extractor's and the ``pi`` / ``vf`` layers) in place of the yml's;
+    ``collect_only``: its ``collect_rollouts`` alone, as ``learn`` calls it, without the updates."""
     from agents.sb3_agents import build_sb3_agent
     from gfenv.train.stage2 import load_hyperparams
 
@@ -174,8 +180,18 @@ def sb3_ppo_workload(num_envs: int, device: str, rollouts: int, width: int | Non
         hp["policy_kwargs"] = (f"dict(net_arch=dict(pi=[{width}], vf=[{width}]), features_extractor_kwargs=dict("
                                f"features_dim={width}, conv_channels={width}, vector_dim={width}))")
     agent = build_sb3_agent("ppo", env_kwargs, num_envs=num_envs, seed=0, device=device, hyperparams=hp)
-    per_rollout = num_envs * agent.model.n_steps
-    return Workload(lambda: agent.learn(rollouts * per_rollout), rollouts * per_rollout)
+    model = agent.model
+    per_rollout = num_envs * model.n_steps
+    if not collect_only:
+        return Workload(lambda: agent.learn(rollouts * per_rollout), rollouts * per_rollout)
+    _, callback = model._setup_learn(rollouts * per_rollout, None)  # resets the env, as learn() does
+    callback.on_training_start(locals(), globals())
+
+    def collect() -> None:
+        for _ in range(rollouts):
+            model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+
+    return Workload(collect, rollouts * per_rollout)
 
 
 def _time_run(w: Workload, device: torch.device) -> float:
@@ -341,6 +357,7 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
         "cached": lambda: vector_env_workload(GlanceFocusVectorEnv(
             **env_kwargs, cache="memory", cache_images=images, model=env.model), episodes * 4),
         "sb3_ppo": lambda: sb3_ppo_workload(num_envs, device, 1),
+        "sb3_ppo_collect": lambda: sb3_ppo_workload(num_envs, device, 1, collect_only=True),
         "sb3_ppo_tiny": lambda: sb3_ppo_workload(num_envs, device, 1, width=8),
         "batched_stored": lambda: vector_env_workload(GlanceFocusVectorEnv(
             **env_kwargs, model=env.model, source=stored_source(env, images)), episodes),
@@ -358,7 +375,8 @@ def run(device: str = "cpu", num_envs: int = 256, repeats: int = 15, episodes: i
     # measure's runs with the runs of its partner taken next to them), over every cycle
     ratios = {"batched_over_per_env": ("batched", "per_env"), "floor_over_batched": ("floor", "batched"),
               "cached_over_batched": ("cached", "batched"), "floor_over_batched_stored": ("floor", "batched_stored"),
-              "sb3_ppo_over_batched": ("sb3_ppo", "batched"), "sb3_ppo_tiny_over_batched": ("sb3_ppo_tiny", "batched")}
+              "sb3_ppo_over_batched": ("sb3_ppo", "batched"), "sb3_ppo_tiny_over_batched": ("sb3_ppo_tiny", "batched"),
+              "sb3_ppo_collect_over_batched": ("sb3_ppo_collect", "batched")}
     for name, (x, y) in ratios.items():
         if x in workloads and y in workloads:
             sx, sy = workloads[x].steps, workloads[y].steps
@@ -389,7 +407,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'import_gfenv_over_torch':<26}{imp['gfenv_over_torch']:>10.2f}  (target <= 1.3)")
     targets = {"batched_over_per_env": "target >= 30", "floor_over_batched": "target <= 1.25",
                "cached_over_batched": "target >= 20", "floor_over_batched_stored": "stored images; diagnostic",
-               "sb3_ppo_over_batched": "share of the env's rate", "sb3_ppo_tiny_over_batched": "width 8; diagnostic"}
+               "sb3_ppo_over_batched": "share of the env's rate", "sb3_ppo_tiny_over_batched": "width 8; diagnostic",
+               "sb3_ppo_collect_over_batched": "collection alone; diagnostic"}
     for key, target in targets.items():
         if key in report:
             lines.append(f"{key:<26}{report[key]:>10.2f}  ({target})")
