@@ -157,18 +157,24 @@ class SB3VecEnv(VecEnv):
         if dones.any():
             if "final_obs" not in info:
                 raise RuntimeError("An episode ended without final_obs: the env left AutoresetMode.SAME_STEP.")
+            ended = np.flatnonzero(dones)
             final_obs = _to_numpy(info["final_obs"])
-            final_infos = _split_info(info["final_info"], self.num_envs)
+            final_infos = _split_info(info["final_info"], self.num_envs, ended)
+            timeouts = (truncated & ~terminated)[ended].tolist()
             episode = info.get("episode") if self._statistics else None
             if episode is not None:
-                first = _to_numpy(episode["first_correct"])
-                correct_at = _to_numpy(episode["correct_at"])
-            for i in np.flatnonzero(dones):
-                infos[i] = {**final_infos[i], "terminal_observation": _row(final_obs, i),
-                            "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+                first = _to_numpy(episode["first_correct"])[ended].astype(int).tolist()
+                correct_at = _to_numpy(episode["correct_at"])[ended].astype(bool)
+                step_keys = [f"correct_t{k + 1}" for k in range(correct_at.shape[1])]
+                correct_at = correct_at.tolist()
+            for j, i in enumerate(ended.tolist()):
+                final = final_infos[j]
+                final["terminal_observation"] = _row(final_obs, i)
+                final["TimeLimit.truncated"] = timeouts[j]
                 if episode is not None:
-                    infos[i]["first_correct"] = int(first[i])
-                    infos[i].update({f"correct_t{k + 1}": bool(c) for k, c in enumerate(correct_at[i])})
+                    final["first_correct"] = first[j]
+                    final.update(zip(step_keys, correct_at[j]))
+                infos[i] = final
         return _to_numpy(obs), _to_numpy(reward).astype(np.float32), dones, infos
 
     def close(self) -> None:
@@ -245,7 +251,12 @@ def _row(obs: Any, i: int) -> Any:
     return {k: v[i] for k, v in obs.items()} if isinstance(obs, dict) else obs[i]
 
 
-def _split_info(info: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """The vector info's per-slot scalars (``INFO_KEYS``) as one plain dict per slot."""
-    columns = {k: _to_numpy(info[k]) for k in INFO_KEYS if k in info}
-    return [{k: v[i].item() for k, v in columns.items()} for i in range(n)]
+def _split_info(info: dict[str, Any], n: int, rows: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The vector info's per-slot scalars (``INFO_KEYS``) as one plain dict per slot (of ``n``), or per slot of
+    ``rows`` in their order."""
+    keys = [k for k in INFO_KEYS if k in info]
+    if not keys:
+        return [{} for _ in range(n if rows is None else len(rows))]
+    columns = [_to_numpy(info[k]) for k in keys]
+    columns = [(c if rows is None else c[rows]).tolist() for c in columns]  # Python scalars, as .item() gives them
+    return [dict(zip(keys, row)) for row in zip(*columns, strict=True)]

@@ -127,6 +127,37 @@ def test_terminal_observation_at_episode_end(observation):
         assert space.contains(term)
 
 
+def test_infos_hold_each_slots_values_as_python_scalars():
+    """Every slot's info is its column of the vector info, as plain Python numbers; an ended slot's info is the
+    finished episode's, with its accuracy after each glimpse and first correct glimpse from EpisodeStatistics."""
+    venv = to_sb3(num_envs=5, seed=1, action="grid+stop", monitor=False)
+    seen = {}
+    inner_step = venv.env.step
+
+    def step(actions):
+        out = inner_step(actions)
+        seen["info"] = out[4]
+        return out
+
+    venv.env.step = step
+    venv.reset()
+    stop = venv.action_space.n - 1
+    for actions in ([stop, 0, 1, stop, 2], [3, 4, stop, 5, 6]):
+        _, _, dones, infos = venv.step(np.array(actions))
+        info = seen["info"]
+        for i, slot in enumerate(infos):
+            source = info["final_info"] if dones[i] else info
+            for key in ("prediction", "confidence", "correct", "macs", "glimpses"):
+                assert slot[key] == source[key][i].item() and type(slot[key]) is type(source[key][i].item())
+            assert ("terminal_observation" in slot) == bool(dones[i])
+            if dones[i]:
+                episode = info["episode"]
+                assert slot["first_correct"] == int(episode["first_correct"][i])
+                assert [slot[f"correct_t{k + 1}"] for k in range(venv.get_attr("steps")[0])] == \
+                    episode["correct_at"][i].tolist()
+                assert slot["TimeLimit.truncated"] is False and type(slot["first_correct"]) is int
+
+
 def test_early_stop_resets_only_the_finished_slot():
     venv = to_sb3(num_envs=3, seed=3, action="grid+stop")
     stop = venv.action_space.n - 1
