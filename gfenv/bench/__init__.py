@@ -11,8 +11,8 @@ SAME_STEP autoreset (what SB3 sees: T - 1 = 4 transitions per episode, the reset
 - ``sb3_ppo``: PPO's collect + train through the SB3 adapter (the project's ppo hyperparameters), env steps per second;
 - ``sb3_ppo_collect``: PPO's collection alone (its ``collect_rollouts`` into the rollout buffer, no update): how fast
   SB3 and the adapter consume the env, policy forward included;
-- ``sb3_ppo_tiny``: the same as ``sb3_ppo`` with a policy 8 wide throughout (``GlanceFocusExtractor`` channels and features, ``pi``
-  and ``vf`` layers): what SB3 and the adapter cost apart from the policy's own arithmetic;
+- ``sb3_ppo_tiny``: the same as ``sb3_ppo`` with a policy 8 wide throughout (``GlanceFocusExtractor`` channels and
+  features, ``pi`` and ``vf`` layers): what SB3 and the adapter cost apart from the policy's own arithmetic;
 - ``batched_stored`` (a diagnostic beside the issue's measures): ``batched`` with the same images stored in memory
   (``TensorSource``, uint8) instead of drawn procedurally at each reset, to tell the env's own cost from the default
   task's image synthesis; its ratio ``floor_over_batched_stored``;
@@ -162,11 +162,9 @@ def stored_source(env: GlanceFocusVectorEnv, images: int):
                         device=env.device, name="stored images")
 
 
-def sb3_ppo_workload(num_envs: int, device: str, rollouts: int, width: int | None = None,
-                     collect_only: bool = False) -> Workload:
-    """PPO collect + train (hyperparams/ppo.yml for the default task) through the SB3 adapter; ``width``: one width
-    for every layer of the policy (the extractor's and the ``pi`` / ``vf`` layers) in place of the yml's;
-    ``collect_only``: its ``collect_rollouts`` alone, as ``learn`` calls it, without the updates."""
+def sb3_ppo_agent(num_envs: int, device: str, width: int | None = None):
+    """The bench's PPO agent: hyperparams/ppo.yml for the default task on ``num_envs`` slots; ``width``: one width
+    for every layer of the policy (the extractor's and the ``pi`` / ``vf`` layers) in place of the yml's."""
     from agents.sb3_agents import build_sb3_agent
     from gfenv.train.stage2 import load_hyperparams
 
@@ -179,7 +177,14 @@ def sb3_ppo_workload(num_envs: int, device: str, rollouts: int, width: int | Non
     if width is not None:
         hp["policy_kwargs"] = (f"dict(net_arch=dict(pi=[{width}], vf=[{width}]), features_extractor_kwargs=dict("
                                f"features_dim={width}, conv_channels={width}, vector_dim={width}))")
-    agent = build_sb3_agent("ppo", env_kwargs, num_envs=num_envs, seed=0, device=device, hyperparams=hp)
+    return build_sb3_agent("ppo", env_kwargs, num_envs=num_envs, seed=0, device=device, hyperparams=hp)
+
+
+def sb3_ppo_workload(num_envs: int, device: str, rollouts: int, width: int | None = None,
+                     collect_only: bool = False) -> Workload:
+    """PPO collect + train (``sb3_ppo_agent``) through the SB3 adapter; ``collect_only``: its ``collect_rollouts``
+    alone, as ``learn`` calls it, without the updates."""
+    agent = sb3_ppo_agent(num_envs, device, width)
     model = agent.model
     per_rollout = num_envs * model.n_steps
     if not collect_only:
