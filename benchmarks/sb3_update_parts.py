@@ -1,7 +1,7 @@
 """Where SB3 PPO's time goes on the batched env, and how near its update runs to this CPU's arithmetic.
 
     python benchmarks/sb3_update_parts.py [--threads 1] [--cycles 5] [--num-envs 256] [--parts ppo,adapter]
-                                          [--json PATH]
+                                          [--profile] [--json PATH]
 
 ``ppo``: for the bench's PPO (``gfenv.bench.sb3_ppo_agent``: hyperparams/ppo.yml on the default task, N slots, live
 encoders), per rollout of N x n_steps transitions, the median over cycles of one run each, in turn:
@@ -11,7 +11,7 @@ encoders), per rollout of N x n_steps transitions, the median over cycles of one
 - the update's multiply-adds, counted by ``torch.utils.flop_counter`` over one ``train()`` (FLOPs / 2), and the rate
   it runs at; beside it, ``torch.mm`` at the shape of the policy's largest linear layer on a mini-batch and at
   1024 x 1024 x 1024, and the extractor's 3 x 3 convolution forward on a mini-batch: what this core gives such
-  arithmetic.
+  arithmetic; ``--profile`` adds torch.profiler's table of one ``train()``'s operators (CPU time).
 
 ``adapter``: what the SB3 adapter (``to_sb3``: ``SB3VecEnv`` inside ``VecMonitor``) adds to a step of the env it
 wraps, on the cached-feature mode of ``gfenv/GlyphPointer-v0`` (``cache="memory"``, 512 images), where the env is
@@ -43,7 +43,7 @@ def _macs_per_second(macs: float, fn, calls: int = 20) -> float:
     return macs / statistics.median(_seconds(fn) for _ in range(calls))
 
 
-def ppo_parts(num_envs: int, threads: int, cycles: int) -> dict:
+def ppo_parts(num_envs: int, threads: int, cycles: int, profile: bool = False) -> dict:
     """The bench's PPO rollout in parts, its update's multiply-adds and rate, and this core's matrix rates."""
     from gfenv import GlanceFocusVectorEnv
     from gfenv.bench import sb3_ppo_agent, vector_env_workload
@@ -102,6 +102,13 @@ def ppo_parts(num_envs: int, threads: int, cycles: int) -> dict:
     print(f"torch.mm {batch} x {head.in_features} @ {head.in_features} x {head.out_features}: "
           f"{rates['mm_policy_layer'] / 1e9:.1f} G/s; 1024^3: {rates['mm_1024'] / 1e9:.1f} G/s; "
           f"the 3 x 3 convolution's forward on a mini-batch: {rates['conv3x3_forward'] / 1e9:.1f} G/s")
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CPU]) as prof:
+            model.train()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20))
     return {"transitions": transitions, "seconds": seconds, "median_seconds": med, "update_macs": update_macs,
             "macs_per_second": rates}
 
@@ -149,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=5)
     p.add_argument("--num-envs", type=int, default=256)
     p.add_argument("--parts", default="ppo,adapter", help="comma-separated: ppo, adapter")
+    p.add_argument("--profile", action="store_true", help="torch.profiler's table of one PPO update")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()
     if "ppo" in parts:
-        report["ppo"] = ppo_parts(args.num_envs, args.threads, args.cycles)
+        report["ppo"] = ppo_parts(args.num_envs, args.threads, args.cycles, args.profile)
     if "adapter" in parts:
         report["adapter"] = adapter_parts(args.num_envs, args.cycles)
     if args.json:
