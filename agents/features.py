@@ -46,7 +46,7 @@ class GlanceFocusExtractor(BaseFeaturesExtractor):
         self.glance_net = nn.Sequential(
             nn.Conv2d(d, conv_channels, 1), nn.ReLU(),
             nn.Conv2d(conv_channels, conv_channels // 2, 3, padding=1), nn.ReLU(),
-            # a map already within 8 x 8 passes as it is (pooling it to its own size costs a tenth of a PPO update)
+            # a map already within 8 x 8 passes as it is (pooling it to its own size only costs time)
             nn.AdaptiveAvgPool2d(pooled) if pooled != (h, w) else nn.Identity(), nn.Flatten())
         vector_size = sum(observation_space[k].shape[0] for k in self.vector_keys)
         self.vector_net = nn.Sequential(nn.Linear(vector_size, vector_dim), nn.ReLU())

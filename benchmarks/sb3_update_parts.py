@@ -46,16 +46,12 @@ def _macs_per_second(macs: float, fn, calls: int = 20) -> float:
 def ppo_parts(num_envs: int, threads: int, cycles: int, profile: bool = False) -> dict:
     """The bench's PPO rollout in parts, its update's multiply-adds and rate, and this core's matrix rates."""
     from gfenv import GlanceFocusVectorEnv
-    from gfenv.bench import sb3_ppo_agent, vector_env_workload
+    from gfenv.bench import sb3_collector, sb3_ppo_agent, vector_env_workload
 
     agent = sb3_ppo_agent(num_envs, "cpu")
     model = agent.model
     n_steps, transitions = model.n_steps, num_envs * model.n_steps
-    _, callback = model._setup_learn(transitions, None)  # resets the env, as learn() does
-    callback.on_training_start(locals(), globals())
-
-    def collect() -> None:
-        model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=n_steps)
+    collect = sb3_collector(model)
 
     env = GlanceFocusVectorEnv(num_envs=num_envs, action="grid", seed=0, autoreset_mode=AutoresetMode.SAME_STEP,
                                model=model.env.venv.base.model)

@@ -257,6 +257,6 @@ def _split_info(info: dict[str, Any], n: int, rows: np.ndarray | None = None) ->
     keys = [k for k in INFO_KEYS if k in info]
     if not keys:
         return [{} for _ in range(n if rows is None else len(rows))]
-    columns = [_to_numpy(info[k]) for k in keys]
-    columns = [(c if rows is None else c[rows]).tolist() for c in columns]  # Python scalars, as .item() gives them
+    columns = [_to_numpy(info[k]) if rows is None else _to_numpy(info[k])[rows] for k in keys]
+    columns = [c.tolist() for c in columns]  # Python scalars, as .item() gives them
     return [dict(zip(keys, row)) for row in zip(*columns, strict=True)]

@@ -189,14 +189,20 @@ def sb3_ppo_workload(num_envs: int, device: str, rollouts: int, width: int | Non
     per_rollout = num_envs * model.n_steps
     if not collect_only:
         return Workload(lambda: agent.learn(rollouts * per_rollout), rollouts * per_rollout)
-    _, callback = model._setup_learn(rollouts * per_rollout, None)  # resets the env, as learn() does
+    return Workload(sb3_collector(model, rollouts), rollouts * per_rollout)
+
+
+def sb3_collector(model: Any, rollouts: int = 1) -> Callable[[], None]:
+    """A call that fills ``model``'s rollout buffer ``rollouts`` times, as an on-policy SB3 ``learn`` does (its
+    ``collect_rollouts``), without the updates; the env is reset once, here, as ``learn`` would."""
+    _, callback = model._setup_learn(rollouts * model.env.num_envs * model.n_steps, None)
     callback.on_training_start(locals(), globals())
 
     def collect() -> None:
         for _ in range(rollouts):
             model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
 
-    return Workload(collect, rollouts * per_rollout)
+    return collect
 
 
 def _time_run(w: Workload, device: torch.device) -> float:
